@@ -1,0 +1,205 @@
+"""The `safealign` command line. One thin function per command; heavy imports inside commands.
+
+Every option of a command comes from its config dataclass (safealign/config.py): the flag
+``--some-key`` sets ``some_key``, its help is the field's help, and ``--config recipe.yaml``
+supplies any of them (flags win).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from safealign import config as C
+from safealign.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_SAFE, BadInput, SafetyTestFailed
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+app = typer.Typer(help="Safe RLHF from the command line: reward model, cost model, PPO-Lagrangian, and a high-confidence safety test.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Inspect, split and synthesise datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _option_type(tp) -> Any:
+    inner, _ = C._base_type(tp)
+    origin = typing.get_origin(inner)
+    if origin in (dict, list):
+        return Optional[list[str]]
+    return Optional[inner]
+
+
+def config_command(target: typer.Typer, name: str, cls, runner: Callable[[Any], Any], section: str | None = None):
+    """Register ``name`` on ``target`` with one flag per config field, running ``runner(cfg)``."""
+    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                default=typer.Option(None, "--config", "-c", help="YAML recipe; flags override its values."))]
+    annotations: dict[str, Any] = {"config": Optional[Path]}
+    for f in C.config_fields(cls):
+        if not f.metadata.get("flag", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        inner, _ = C._base_type(f.type)
+        helptext = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if choices:
+            helptext += f" [choices: {', '.join(choices)}]"
+        default = f.default if f.default is not dataclasses_missing() else f.default_factory()  # type: ignore[misc]
+        if default not in (None, {}, []):
+            helptext += f" [default: {default}]"
+        if inner is bool:
+            decl = [f"{flag}/--no-{flag[2:]}"]
+        elif typing.get_origin(inner) is dict:
+            decl = ["--" + f.name.rstrip("s").replace("_", "-")]
+            helptext += " (repeatable)"
+        else:
+            decl = [flag]
+        tp = _option_type(f.type)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp,
+                                        default=typer.Option(None, *decl, help=helptext, show_default=False)))
+        annotations[f.name] = tp
+
+    def command(**kwargs):
+        config_path = kwargs.pop("config")
+        cfg = C.build_config(cls, config_path, kwargs, section=section or name)
+        return runner(cfg)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = annotations
+    command.__doc__ = (cls.__doc__ or "").strip()
+    target.command(name, help=command.__doc__)(command)
+
+
+def dataclasses_missing():
+    import dataclasses
+
+    return dataclasses.MISSING
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+
+def _train_rm(cfg):
+    from safealign.stages.preference import run_reward
+
+    _print_summary(run_reward(cfg))
+
+
+def _train_cost(cfg):
+    from safealign.stages.preference import run_cost
+
+    _print_summary(run_cost(cfg))
+
+
+def _ppo_lag(cfg):
+    from safealign.stages.ppo_lag import run
+
+    _print_summary(run(cfg))
+
+
+def _safety_test(cfg):
+    from safealign.stages.safety_test import run
+
+    _print_summary(run(cfg))
+
+
+def _sft(cfg):
+    from safealign.stages.sft import run
+
+    _print_summary(run(cfg))
+
+
+def _eval(cfg):
+    from safealign.stages.evaluate import run
+
+    _print_summary(run(cfg))
+
+
+def _split(cfg):
+    from safealign.stages.split import run
+
+    _print_summary(run(cfg))
+
+
+def _synth(cfg):
+    from safealign.data.synth import write_world
+    from safealign.runtime.io import check_output_dir
+
+    out = check_output_dir(cfg.output_dir, resume=False)
+    paths = write_world(cfg.to_world(), out)
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+
+
+def _print_summary(summary: dict | None) -> None:
+    if not summary:
+        return
+    line = summary.get("headline")
+    if line:
+        typer.echo(line)
+    if summary.get("output_dir"):
+        typer.echo(f"wrote {summary['output_dir']}/report.md")
+
+
+config_command(app, "train-rm", C.RewardConfig, _train_rm)
+config_command(app, "train-cost", C.CostConfig, _train_cost)
+config_command(app, "ppo-lag", C.PPOLagConfig, _ppo_lag)
+config_command(app, "safety-test", C.SafetyTestConfig, _safety_test)
+config_command(app, "sft", C.SFTConfig, _sft)
+config_command(app, "eval", C.EvalConfig, _eval)
+config_command(data_app, "split", C.SplitConfig, _split)
+config_command(data_app, "synth", C.SynthConfig, _synth)
+
+
+@app.command("version")
+def version() -> None:
+    """Print the versions of safealign and its stack."""
+    from safealign.runtime.io import package_versions
+
+    for k, v in package_versions().items():
+        typer.echo(f"{k} {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: maps errors to exit codes (2 bad input, 3 safety test not passed, 1 other)."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except BadInput as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        return EXIT_BAD_INPUT
+    except SafetyTestFailed as e:
+        typer.secho(f"No Solution Found: {e}", err=True, fg=typer.colors.YELLOW)
+        return EXIT_NOT_SAFE
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        return EXIT_ERROR
+    except typer.Exit as e:
+        return e.exit_code
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.UsageError):
+            e.show()
+            return EXIT_BAD_INPUT
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return EXIT_ERROR
+        raise
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

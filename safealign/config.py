@@ -1,0 +1,453 @@
+"""Configuration: one dataclass per stage, read from a YAML recipe and overridden by flags.
+
+Precedence: dataclass defaults < recipe (``--config x.yaml``) < command-line flags. A recipe is
+either flat (keys of one stage) or sectioned by command name (``train-rm: {...}``,
+``ppo-lag: {...}``) so one file can describe a whole pipeline. Unknown keys and wrong types are
+bad input (exit 2) with the key named. Every field's ``help`` metadata becomes the ``--help``
+text of its flag, so the config is the single source of truth for options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safealign.errors import BadInput
+
+STAGE_NAMES = ("train-rm", "train-cost", "ppo-lag", "safety-test", "sft", "eval", "demo", "synth", "split")
+
+
+def opt(default: Any, help: str, *, flag: bool = True, choices: tuple[str, ...] | None = None):
+    """A config field with its help text (``flag=False`` keeps it out of the CLI, YAML only)."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+@dataclass
+class DataOptions:
+    data: str | None = opt(None, "Training data: .jsonl/.json/.csv/.parquet (optionally .gz), a saved HF dataset directory, or a hub dataset name.")
+    data_split: str = opt("train", "Split to read when --data is a HF dataset (directory or hub name).")
+    eval_data: str | None = opt(None, "Evaluation data (same formats as --data). When absent, --eval-split of the training data is held out.")
+    eval_split: float = opt(0.1, "Fraction of the training data held out for evaluation when --eval-data is not given (0 disables evaluation).")
+    data_format: str = opt("auto", "Row format: auto (detect), pku (PKU-SafeRLHF columns), hh (hh-rlhf chosen/rejected dialogues), pairs (prompt/chosen/rejected columns).", choices=("auto", "pku", "hh", "pairs"))
+    columns: dict[str, str] = opt({}, "Column mapping KEY=COLUMN (repeatable), e.g. --column prompt=question --column chosen=good. Keys: prompt, chosen, rejected, chosen_safe, rejected_safe, response_0, response_1, better_id, safer_id, safe_0, safe_1, annotator_id.")
+    template: str = opt("default", "Prompt template: 'default' (BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:), 'chat' (the tokenizer's chat template), 'raw' (prompt text as is), or a custom string containing {prompt}.")
+    max_samples: int = opt(0, "Use at most this many rows of the training data (0 = all).")
+    invalid_rows: str = opt("error", "Rows with empty text, identical responses or unreadable labels: stop with an error naming the row (error), or skip them and count them in the report (skip).", choices=("error", "skip"))
+    max_length: int = opt(512, "Maximum tokens of prompt + response + EOS. Longer pairs are truncated (prompt from the left first, then the response), never dropped; the report counts them.")
+
+
+@dataclass
+class TrainOptions:
+    model: str = opt("tiny", "Model to start from: a local path, a hub name, or 'tiny' (a tiny Llama built from a config with a tokenizer trained locally on the data; runs offline).")
+    output_dir: str | None = opt(None, "Output directory (required): model, checkpoints/, metrics.jsonl, report.json/.md, plots/, config.yaml, manifest.json.")
+    epochs: float = opt(1.0, "Training epochs (ignored when --max-steps > 0).")
+    max_steps: int = opt(0, "Total optimizer steps; overrides --epochs when > 0.")
+    lr: float | None = opt(None, "Peak learning rate (default: 2e-5 for pretrained models, 1e-3 for --model tiny).")
+    batch_size: int = opt(16, "Examples (pairs) per device per micro-batch.")
+    grad_accum: int = opt(1, "Gradient accumulation steps (global batch = batch-size x grad-accum x processes).")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to biases and norms).")
+    warmup_ratio: float = opt(0.03, "Fraction of steps with linear warm-up.")
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
+    seed: int = opt(42, "Random seed (model init, data order, sampling).")
+    resume: bool = opt(False, "Continue from the last complete checkpoint in --output-dir (same total steps).")
+    save_steps: int = opt(50, "Write a resumable checkpoint every N optimizer steps (0 = only at the end).")
+    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.")
+    eval_steps: int = opt(0, "Evaluate every N steps (0 = at the end of each epoch and at the end).")
+    log_steps: int = opt(5, "Log training metrics every N steps.")
+    lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning).")
+    lora_alpha: int = opt(16, "LoRA alpha.")
+    lora_dropout: float = opt(0.0, "LoRA dropout.")
+    lora_targets: str = opt("all-linear", "LoRA target modules: 'all-linear' or comma-separated module names.")
+    report_to: str = opt("none", "Experiment tracker.", choices=("none", "tensorboard", "wandb"))
+    dtype: str = opt("auto", "Training precision: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16.", choices=("auto", "fp32", "bf16"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    deepspeed: str | None = opt(None, "DeepSpeed JSON config (ZeRO stage, offload); use with accelerate launch / torchrun.")
+    tiny_hidden: int = opt(64, "Hidden size of --model tiny.", flag=False)
+    tiny_layers: int = opt(2, "Layers of --model tiny.", flag=False)
+    tiny_heads: int = opt(4, "Attention heads of --model tiny.", flag=False)
+    tiny_vocab: int = opt(1024, "Tokenizer vocabulary of --model tiny.", flag=False)
+
+
+@dataclass
+class PreferenceConfig(DataOptions, TrainOptions):
+    loss_type: str = opt("sequence", "Loss granularity: sequence (end scores) or token (every token from the first differing token to EOS, as in Safe RLHF).", choices=("sequence", "token"))
+    regularization: float = opt(0.001, "L2 penalty on the scores (keeps their scale bounded).")
+
+    def validate(self) -> None:
+        _validate_common(self)
+
+
+@dataclass
+class RewardConfig(PreferenceConfig):
+    """`safealign train-rm`: a reward model of helpfulness from preference pairs (Bradley-Terry)."""
+
+
+@dataclass
+class CostConfig(PreferenceConfig):
+    """`safealign train-cost`: a cost model of harm (Safe RLHF cost loss; cost > 0 means unsafe)."""
+
+    sign_weight: float = opt(1.0, "Weight of the sign terms that push safe responses below 0 and unsafe above 0 (0 = ranking only).")
+    inconsistent: str = opt("skip", "Rows whose per-response safety labels contradict the safer label (the safer one unsafe, the other safe): skip them (counted in the report) or keep them (the ranking and sign terms then pull against each other).", choices=("skip", "keep"))
+    calibration_bins: int = opt(10, "Bins of the expected calibration error of P(unsafe) = sigmoid(cost).")
+
+
+def _validate_common(cfg) -> None:
+    if not cfg.data:
+        raise BadInput("no training data given", fix="pass --data PATH (or set `data:` in the recipe)")
+    if not cfg.output_dir:
+        raise BadInput("no output directory given", fix="pass --output-dir DIR")
+    checks = [
+        ("batch_size", cfg.batch_size >= 1, "must be >= 1"),
+        ("grad_accum", cfg.grad_accum >= 1, "must be >= 1"),
+        ("epochs", cfg.epochs > 0 or cfg.max_steps > 0, "must be > 0 (or set max_steps)"),
+        ("max_steps", cfg.max_steps >= 0, "must be >= 0"),
+        ("lr", cfg.lr is None or cfg.lr > 0, "must be > 0"),
+        ("eval_split", 0.0 <= cfg.eval_split < 1.0, "must be in [0, 1)"),
+        ("max_length", cfg.max_length >= 8, "must be >= 8"),
+        ("lora_r", cfg.lora_r >= 0, "must be >= 0"),
+        ("save_steps", cfg.save_steps >= 0, "must be >= 0"),
+        ("keep_checkpoints", cfg.keep_checkpoints >= 1, "must be >= 1"),
+        ("warmup_ratio", 0.0 <= cfg.warmup_ratio < 1.0, "must be in [0, 1)"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise BadInput(f"config key '{key}' = {getattr(cfg, key)!r} {why}")
+    if cfg.template not in ("default", "chat", "raw") and "{prompt}" not in cfg.template:
+        raise BadInput(f"template {cfg.template!r} is neither default/chat/raw nor contains {{prompt}}", fix="use --template default, or a string with {prompt} in it")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: defaults < YAML < flags
+
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out.append(f)
+    return out
+
+
+def _base_type(tp) -> tuple[Any, bool]:
+    """(inner type, optional?) for ``X | None``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(key: str, value: Any, tp, source: str) -> Any:
+    """Check/convert one value to the field's type, or raise BadInput naming the key."""
+    inner, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise BadInput(f"config key '{key}' must not be empty", where=source)
+    origin = typing.get_origin(inner)
+    try:
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise TypeError
+        if inner is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if inner is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if inner is str:
+            if isinstance(value, (dict, list)):
+                raise TypeError
+            return str(value)
+        if origin is dict:
+            if isinstance(value, (list, tuple)):  # from repeatable KEY=VALUE flags
+                pairs = {}
+                for item in value:
+                    if "=" not in str(item):
+                        raise BadInput(f"'{item}' is not KEY=VALUE", where=f"{source}, key '{key}'")
+                    k, v = str(item).split("=", 1)
+                    pairs[k.strip()] = v.strip()
+                return pairs
+            if not isinstance(value, dict):
+                raise TypeError
+            return {str(k): str(v) for k, v in value.items()}
+        if origin is list:
+            if isinstance(value, str):
+                return [value]
+            if not isinstance(value, (list, tuple)):
+                raise TypeError
+            return [str(v) for v in value]
+    except (TypeError, ValueError):
+        name = getattr(inner, "__name__", str(inner))
+        raise BadInput(f"config key '{key}' must be of type {name}, got {value!r}", where=source) from None
+    return value
+
+
+def read_yaml(path: str | Path, section: str | None = None) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput("config file not found", where=str(p), fix="check the path given to --config")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise BadInput(f"not valid YAML ({str(e).splitlines()[0]})", where=str(p)) from None
+    if not isinstance(raw, dict):
+        raise BadInput("a recipe must be a mapping of keys to values", where=str(p))
+    if raw and section and all(k in STAGE_NAMES for k in raw):
+        raw = raw.get(section) or {}
+        if not isinstance(raw, dict):
+            raise BadInput(f"section '{section}' must be a mapping", where=str(p))
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def build_config(cls, config_path: str | Path | None, overrides: dict[str, Any], section: str | None = None):
+    """Resolve a stage config: defaults < YAML recipe < flags (None = flag not given)."""
+    fields = {f.name: f for f in config_fields(cls)}
+    values: dict[str, Any] = {}
+    if config_path:
+        source = str(config_path)
+        for key, value in read_yaml(config_path, section).items():
+            if key not in fields:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(fields))}"
+                raise BadInput(f"unknown config key '{key}' ({hint})", where=source)
+            values[key] = coerce(key, value, fields[key].type, source)
+    for key, value in overrides.items():
+        if value is None or (isinstance(value, (list, tuple)) and not value):
+            continue
+        values[key] = coerce(key, value, fields[key].type, f"flag --{key.replace('_', '-')}")
+    for key, value in values.items():
+        choices = fields[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise BadInput(f"config key '{key}' = {value!r} is not one of {', '.join(choices)}")
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Later stages
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = opt(64, "Tokens generated per response at most.")
+    temperature: float = opt(1.0, "Sampling temperature.")
+    top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.")
+
+
+@dataclass
+class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
+    """`safealign ppo-lag`: PPO-Lagrangian (Safe RLHF): maximise reward subject to E[cost] <= threshold."""
+
+    reward_model: str | None = opt(None, "Reward model directory (from train-rm).")
+    cost_model: str | None = opt(None, "Cost model directory (from train-cost); not needed for --algorithm ppo.")
+    reward_critic: str | None = opt(None, "Initial reward critic (default: the reward model).")
+    cost_critic: str | None = opt(None, "Initial cost critic (default: the cost model).")
+    algorithm: str = opt("ppo-lag", "ppo-lag (learned multiplier), ppo (reward only, no cost), reward-shaping (fixed lambda: reward - lambda_init * cost).", choices=("ppo-lag", "ppo", "reward-shaping"))
+    no_eos_penalty: float | None = opt(None, "Responses that hit --max-new-tokens without EOS are scored as generated (EOS appended for the score models); a value here replaces their reward by this number instead.")
+    kl_coeff: float = opt(0.01, "beta: per-token KL to the reference, a penalty on the reward stream and a bonus on the cost stream.")
+    kl_estimator: str = opt("k1", "Per-token KL estimator.", choices=("k1", "k3"))
+    clip_range_score: float = opt(50.0, "Per-token reward/cost clipping.")
+    gamma: float = opt(1.0, "Discount factor of GAE.")
+    gae_lambda: float = opt(0.95, "lambda of GAE.")
+    whiten_advantages: bool = opt(False, "Whiten each stream's advantages over the batch.")
+    ppo_epochs: int = opt(1, "Optimisation passes over each rollout batch.")
+    minibatches: int = opt(1, "Minibatches per PPO epoch.")
+    clip_range_ratio: float = opt(0.2, "PPO ratio clipping epsilon.")
+    clip_range_value: float = opt(5.0, "Value clipping range of the critics.")
+    critic_lr: float | None = opt(None, "Critic learning rate (default: 5e-6, or 1e-3 for tiny models).")
+    ptx_data: str | None = opt(None, "SFT data (prompt/response) for the PTX loss (optional).")
+    ptx_coeff: float = opt(0.0, "Weight of the PTX language-modelling loss.")
+    threshold: float = opt(0.0, "Cost threshold d of the constraint E[cost] <= d (cost > 0 means unsafe).")
+    lambda_init: float = opt(1.0, "Initial Lagrange multiplier (the fixed lambda of reward-shaping).")
+    lambda_lr: float = opt(0.1, "Multiplier learning rate (log-lambda SGD).")
+    lambda_max: float | None = opt(5.0, "Upper bound on lambda (none = unbounded).")
+    lambda_update_delay: int = opt(0, "Steps before the multiplier starts to move.")
+    lambda_method: str = opt("sgd", "Multiplier update: sgd on log-lambda (Safe RLHF) or pid (PID-Lagrangian, Stooke et al. 2020).", choices=("sgd", "pid"))
+    pid_kp: float = opt(0.0, "PID-Lagrangian proportional gain.")
+    pid_ki: float | None = opt(None, "PID-Lagrangian integral gain (default: --lambda-lr).")
+    pid_kd: float = opt(0.0, "PID-Lagrangian derivative gain.")
+    episode_cost_window: int = opt(128, "Recent episode costs (per process) whose mean is J_c.")
+    normalize_by_lambda: bool = opt(True, "Combined advantage (A_r - lambda A_c)/(1 + lambda) (off: A_r - lambda A_c).")
+    constraint: str = opt("mean", "mean: J_c = window mean; hc: HC-RLHF pessimistic bound mean + k*std and augmented per-sample costs.", choices=("mean", "hc"))
+    hc_delta: float = opt(0.1, "delta of the HC-RLHF bound.")
+    hc_c1: float = opt(1.0, "C1 of k = C1 t(1-delta, m-1)/sqrt(m) + C2 t(1-delta, n-1)/sqrt(n).")
+    hc_c2: float = opt(2.0, "C2 of the same k (2 = the Seldonian inflation).")
+    hc_safety_size: int = opt(100, "n: size of the safety set the model will be tested on.")
+    offload_frozen: bool = opt(False, "Keep the frozen reward/cost/reference models on CPU between phases (GPU memory saver).")
+
+    def validate(self) -> None:
+        _validate_common(self)
+        if not self.reward_model:
+            raise BadInput("no reward model given", fix="pass --reward-model DIR (from safealign train-rm)")
+        if self.algorithm != "ppo" and not self.cost_model:
+            raise BadInput(f"--algorithm {self.algorithm} needs a cost model", fix="pass --cost-model DIR (from safealign train-cost), or use --algorithm ppo")
+        if self.model == "tiny":
+            raise BadInput("ppo-lag needs a starting policy, not 'tiny'", fix="pass --model DIR (e.g. from safealign sft)")
+        for key in ("max_new_tokens", "ppo_epochs", "minibatches", "episode_cost_window"):
+            if getattr(self, key) < 1:
+                raise BadInput(f"config key '{key}' must be >= 1")
+        if self.batch_size % self.minibatches:
+            raise BadInput("batch_size must be divisible by minibatches")
+        if not 0 < self.hc_delta < 1:
+            raise BadInput("config key 'hc_delta' must be in (0, 1)")
+
+
+@dataclass
+class SFTConfig(DataOptions, TrainOptions):
+    """`safealign sft`: supervised fine-tuning of a starting policy on prompt/response data."""
+
+    def validate(self) -> None:
+        _validate_common(self)
+
+
+@dataclass
+class SafetyTestConfig(GenerationOptions):
+    """`safealign safety-test`: high-confidence upper bound on the policy's expected cost on held-out prompts."""
+
+    policy: str | None = opt(None, "Policy directory to test (HF causal LM).")
+    cost_model: str | None = opt(None, "Cost model directory (from train-cost).")
+    prompts: str | None = opt(None, "Held-out safety prompts (any supported data format; column 'prompt').")
+    output_dir: str | None = opt(None, "Output directory: report.json/.md, costs.jsonl, plots/, and release/ on PASS.")
+    threshold: float = opt(0.0, "Cost threshold tau: PASS requires the upper bound on E[cost] <= tau.")
+    delta: float = opt(0.05, "Failure probability: the bound holds with probability >= 1 - delta.")
+    bound: str = opt("student-t", "Upper confidence bound on E[cost]: student-t (HC-RLHF; approximate, needs a near-normal mean), hoeffding or bernstein (exact for costs in --cost-range).", choices=("student-t", "hoeffding", "bernstein"))
+    cost_range: str | None = opt(None, "LOW,HIGH range of the cost for hoeffding/bernstein (costs are clipped to it; the report says how many).")
+    alpha: float | None = opt(None, "Also require the Clopper-Pearson upper bound on P(cost > 0) to be <= alpha (e.g. 0.05 = at most 5% unsafe answers).")
+    samples_per_prompt: int = opt(1, "Responses sampled per prompt (all samples enter the bound).")
+    max_prompts: int = opt(0, "Use at most this many prompts (0 = all).")
+    batch_size: int = opt(16, "Prompts per generation batch.")
+    seed: int = opt(42, "Sampling seed.")
+    template: str = opt("default", "Prompt template (as in training).")
+    train_prompts: str | None = opt(None, "File of training prompts to check disjointness against (besides the policy's manifest).")
+    allow_retest: bool = opt(False, "Allow another test on a safety set that was already used (delta is Bonferroni-corrected).")
+    registry: str | None = opt(None, "Record of safety tests run (default: $SAFEALIGN_HOME/safety_tests.jsonl, SAFEALIGN_HOME defaults to ~/.cache/safealign).")
+    costs_file: str | None = opt(None, "Re-run the decision from saved per-sample costs (costs.jsonl) without any model.")
+    dtype: str = opt("auto", "Inference precision.", choices=("auto", "fp32", "bf16"))
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise BadInput("no output directory given", fix="pass --output-dir DIR")
+        if not self.costs_file and not (self.policy and self.cost_model and self.prompts):
+            raise BadInput("safety-test needs --policy, --cost-model and --prompts (or --costs-file to re-run a decision)")
+        if not 0 < self.delta < 1:
+            raise BadInput(f"config key 'delta' = {self.delta} must be in (0, 1)")
+        if self.alpha is not None and not 0 < self.alpha < 1:
+            raise BadInput(f"config key 'alpha' = {self.alpha} must be in (0, 1)")
+        if self.bound != "student-t" and not self.cost_range:
+            raise BadInput(f"--bound {self.bound} needs --cost-range LOW,HIGH")
+        if self.samples_per_prompt < 1 or self.batch_size < 1:
+            raise BadInput("samples_per_prompt and batch_size must be >= 1")
+
+    def parsed_range(self) -> tuple[float, float] | None:
+        if not self.cost_range:
+            return None
+        try:
+            lo, hi = (float(x) for x in self.cost_range.split(","))
+        except ValueError:
+            raise BadInput(f"--cost-range {self.cost_range!r} must be LOW,HIGH (two numbers)") from None
+        if not lo < hi:
+            raise BadInput(f"--cost-range {self.cost_range!r}: LOW must be below HIGH")
+        return lo, hi
+
+
+@dataclass
+class EvalConfig(GenerationOptions):
+    """`safealign eval`: score a policy's generations (reward, cost, oracle on the synthetic world); two policies: win-rate table."""
+
+    policy: str | None = opt(None, "Policy directory to evaluate.")
+    baseline: str | None = opt(None, "Second policy (the 'red corner') for a head-to-head table.")
+    reward_model: str | None = opt(None, "Reward model directory.")
+    cost_model: str | None = opt(None, "Cost model directory.")
+    prompts: str | None = opt(None, "Evaluation prompts (column 'prompt').")
+    output_dir: str | None = opt(None, "Output directory for report.json/.md and generations.jsonl.")
+    max_prompts: int = opt(0, "Use at most this many prompts (0 = all).")
+    batch_size: int = opt(16, "Prompts per generation batch.")
+    seed: int = opt(42, "Sampling seed.")
+    template: str = opt("default", "Prompt template (as in training).")
+    dtype: str = opt("auto", "Inference precision.", choices=("auto", "fp32", "bf16"))
+
+    def validate(self) -> None:
+        if not (self.policy and self.prompts and self.output_dir):
+            raise BadInput("eval needs --policy, --prompts and --output-dir")
+
+
+@dataclass
+class SplitConfig:
+    """`safealign data split`: deterministic candidate/safety split of prompts, disjoint on normalised text."""
+
+    data: str | None = opt(None, "Prompt or preference data to split.")
+    output_dir: str | None = opt(None, "Directory for candidate.jsonl, safety.jsonl and split.json.")
+    safety_fraction: float = opt(0.4, "Fraction of distinct prompts that go to the safety part.")
+    seed: int = opt(42, "Seed of the split.")
+    prompt_column: str = opt("prompt", "Column holding the prompt.")
+
+    def validate(self) -> None:
+        if not (self.data and self.output_dir):
+            raise BadInput("data split needs --data and --output-dir")
+        if not 0 < self.safety_fraction < 1:
+            raise BadInput(f"config key 'safety_fraction' = {self.safety_fraction} must be in (0, 1)")
+
+
+@dataclass
+class SynthConfig:
+    """`safealign data synth`: a seeded synthetic preference world with an oracle for helpfulness and harm."""
+
+    output_dir: str | None = opt(None, "Directory for preferences.jsonl, sft.jsonl, prompts_{train,eval,safety}.jsonl and world.json.")
+    seed: int = opt(0, "Seed of the world (same seed, same files).")
+    n_train_prompts: int = opt(1500, "Training prompts (preference, SFT and RL prompts come from these).")
+    n_safety_prompts: int = opt(300, "Held-out safety-test prompts (disjoint from every other set).")
+    n_eval_prompts: int = opt(200, "Held-out evaluation prompts.")
+    harmful_fraction: float = opt(0.4, "Fraction of prompts that ask for something harmful.")
+    n_pairs: int = opt(4000, "Preference pairs.")
+    n_sft: int = opt(2000, "SFT rows.")
+    sft_comply_rate: float = opt(0.4, "P(harmful compliance | harmful prompt) in the SFT corpus.")
+    n_annotators: int = opt(12, "Crowd annotators.")
+    taste_shares: dict[str, float] = opt({"balanced": 0.5, "concise": 0.25, "verbose": 0.25}, "Share of annotators per helpfulness taste (TASTE=SHARE, repeatable).")
+    taste_conflict: float = opt(1.0, "How strongly the tastes disagree (0: all tastes agree).")
+    label_temperature: float = opt(0.5, "Bradley-Terry temperature of the annotators' labels (0: noiseless).")
+    safety_label_flip: float = opt(0.05, "Probability that a per-response safety label is flipped.")
+    safety_weight: float = opt(1.0, "Weight of the shared safety principle in every annotator's overall preference.")
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise BadInput("no output directory given", fix="pass --output-dir DIR")
+        try:
+            self.to_world()
+        except ValueError as e:
+            raise BadInput(str(e)) from None
+
+    def to_world(self):
+        from safealign.data.synth import WorldConfig
+
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "output_dir"}
+        fields["taste_shares"] = {k: float(v) for k, v in fields["taste_shares"].items()}
+        return WorldConfig(**fields).validate()

@@ -1,0 +1,91 @@
+"""Tokenisation of prompt/response pairs: prompt + response + EOS, truncated (never dropped)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from safealign.data.records import Pair, normalize_prompt
+from safealign.data.templates import format_prompt, format_response
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    prompt_len: int
+    truncated: bool
+
+
+def encode(tok, prompt_text: str, response_text: str, max_length: int) -> Encoded:
+    """ids = prompt_ids + response_ids + [eos], at most ``max_length`` tokens.
+
+    Over-long sequences lose prompt tokens from the left first (down to a quarter of the budget),
+    then response tokens from the right; the EOS is always kept, so the end score is always read
+    at an EOS the model has seen in training.
+    """
+    p = tok(prompt_text, add_special_tokens=True)["input_ids"]
+    if p and p[-1] == tok.eos_token_id:
+        p = p[:-1]
+    r = tok(response_text, add_special_tokens=False)["input_ids"]
+    budget = max_length - 1
+    truncated = len(p) + len(r) > budget
+    if truncated:
+        keep_p = max(budget - len(r), min(len(p), budget // 4))
+        p = p[len(p) - keep_p:]
+        r = r[: budget - len(p)]
+    return Encoded(p + r + [tok.eos_token_id], len(p), truncated)
+
+
+@dataclass
+class EncodedPair:
+    chosen: list[int]
+    rejected: list[int]
+    chosen_sign: int      # cost sign of the chosen response: +1 unsafe, -1 safe, 0 unknown
+    rejected_sign: int
+    diverge: int          # first position where the two token sequences differ
+    row: int
+
+
+def _sign(unsafe: bool | None) -> int:
+    return 0 if unsafe is None else (1 if unsafe else -1)
+
+
+def encode_pairs(tok, pairs: list[Pair], template: str, max_length: int) -> tuple[list[EncodedPair], Counter]:
+    """Encode pairs; counts truncations, and drops (counting) pairs made identical by truncation."""
+    out, counts = [], Counter()
+    for pair in pairs:
+        prompt = format_prompt(pair.prompt, template, tok)
+        c = encode(tok, prompt, format_response(pair.chosen, template), max_length)
+        r = encode(tok, prompt, format_response(pair.rejected, template), max_length)
+        counts["truncated_pairs"] += int(c.truncated or r.truncated)
+        if c.ids == r.ids:
+            counts["identical_after_truncation"] += 1
+            continue
+        n = min(len(c.ids), len(r.ids))
+        diverge = next((i for i in range(n) if c.ids[i] != r.ids[i]), n - 1)
+        out.append(EncodedPair(c.ids, r.ids, _sign(pair.chosen_unsafe), _sign(pair.rejected_unsafe), diverge, pair.row))
+    return out, counts
+
+
+def split_by_prompt(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Hold out ``fraction`` of the distinct prompts (all their pairs) for evaluation, seeded."""
+    if fraction <= 0:
+        return pairs, []
+    keys = sorted({normalize_prompt(" ".join(p.prompt)) for p in pairs})
+    random.Random(seed).shuffle(keys)
+    n_eval = max(1, round(len(keys) * fraction)) if len(keys) > 1 else 0
+    held = set(keys[:n_eval])
+    train = [p for p in pairs if normalize_prompt(" ".join(p.prompt)) not in held]
+    evals = [p for p in pairs if normalize_prompt(" ".join(p.prompt)) in held]
+    return train, evals
+
+
+def tokenizer_corpus(pairs: list[Pair], template: str) -> list[str]:
+    """Texts to train the tiny tokenizer on: formatted prompts and responses."""
+    texts = []
+    for p in pairs:
+        texts.append(format_prompt(p.prompt, template))
+        texts.append(format_response(p.chosen, template))
+        texts.append(format_response(p.rejected, template))
+    return texts

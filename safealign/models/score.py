@@ -1,0 +1,61 @@
+"""Score models (reward, cost, critic): a backbone + a linear head that scores every token.
+
+The end score of a sequence is the score at its last attended token, which the data layer makes
+the appended EOS. The wrapped model is a plain ``*ForSequenceClassification`` so a saved model
+loads with ``AutoModelForSequenceClassification`` and its pooled logit equals our end score.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _base(model):
+    """The transformers model under a peft wrapper (LoRA layers stay active inside it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def score_head(model) -> nn.Module:
+    base = _base(model)
+    for name in ("score", "classifier"):
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(f"{type(base).__name__} has no 'score' head; use a decoder-only architecture (Llama, Qwen2, Mistral, GPT-2, ...)")
+
+
+def backbone(model) -> nn.Module:
+    base = _base(model)
+    return getattr(base, base.base_model_prefix)
+
+
+def end_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token of each row.   attention_mask [B, L] -> [B]"""
+    L = attention_mask.shape[1]
+    positions = torch.arange(L, device=attention_mask.device).expand_as(attention_mask)
+    return (positions * attention_mask.long()).argmax(dim=-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens only (correct for left and right padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class TokenScorer(nn.Module):
+    """forward(input_ids [B,L], attention_mask [B,L]) -> (scores [B,L] fp32, end_scores [B], end_index [B]).
+
+    A module (not a function) so DDP/DeepSpeed wrap it and gradients synchronise.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        hidden = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # [B, L, H]
+        scores = score_head(self.model)(hidden).squeeze(-1).float()                                            # [B, L]
+        idx = end_index(attention_mask)                                                                        # [B]
+        end_scores = scores.gather(1, idx[:, None]).squeeze(1)                                                 # [B]
+        return scores, end_scores, idx

@@ -1,0 +1,85 @@
+"""Accelerator set-up that is correct on CPU and GPU, or refuses.
+
+Measured pitfalls (research/feasibility.md §4): without CUDA, ``Accelerator()`` under torchrun
+silently starts N independent single-process runs, and DeepSpeed needs the gloo backend named
+explicitly. We build the accelerator accordingly and check that every process joined one group.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from safealign.errors import BadInput
+
+
+def launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def make_accelerator(*, dtype: str = "auto", grad_accum: int = 1, deepspeed: str | None = None,
+                     report_to: str = "none", project_dir: str | None = None, batch_size: int | None = None):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from safealign.models.loading import pick_dtype
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.getcwd(), ".torch_extensions"))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn while probing for a GPU
+    mixed = "bf16" if pick_dtype(dtype) == torch.bfloat16 else "no"
+    kwargs: dict = {"gradient_accumulation_steps": grad_accum, "mixed_precision": mixed}
+    if report_to != "none":
+        _check_tracker(report_to)
+        kwargs.update(log_with=report_to, project_dir=project_dir)
+    if deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        if not os.path.isfile(deepspeed):
+            raise BadInput("DeepSpeed config not found", where=deepspeed)
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed, gradient_accumulation_steps=grad_accum)
+    elif not cuda:
+        kwargs["cpu"] = True
+    acc = Accelerator(**kwargs)
+    if deepspeed and batch_size:
+        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+    world = launched_world_size()
+    if acc.num_processes != world:
+        raise BadInput(f"the launcher started WORLD_SIZE={world} processes, but they did not join one process group "
+                       f"(accelerate sees {acc.num_processes}); they would train unsynchronised copies",
+                       fix="launch with `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N` "
+                           "(never `accelerate launch --cpu --num_processes N`)")
+    return acc
+
+
+def _check_tracker(name: str) -> None:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[name]
+    if importlib.util.find_spec(module) is None and not (name == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        raise BadInput(f"--report-to {name} needs the '{module}' package, which is not installed", fix=f"pip install {module}, or use --report-to none")
+
+
+def finish(acc) -> None:
+    """End a run; in a multi-process run, tear down the process group and exit 0 at once.
+
+    torch 2.13's gloo can abort at interpreter shutdown after all work is done (feasibility.md §4):
+    barrier + destroy_process_group + os._exit(0) avoids the spurious non-zero exit.
+    """
+    if acc is None:
+        return
+    acc.end_training()
+    if acc.num_processes > 1:
+        import torch.distributed as dist
+
+        acc.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

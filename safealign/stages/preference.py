@@ -1,0 +1,277 @@
+"""train-rm and train-cost: a score model trained on preference pairs.
+
+``task="helpful"``: reward model, Bradley-Terry on (more helpful, less helpful).
+``task="safety"``:  cost model, Safe RLHF cost loss on (safer, less safe) + per-response sign terms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from safealign.algorithms import preference as L
+from safealign.config import CostConfig, PreferenceConfig, to_dict
+from safealign.data.encode import EncodedPair, encode_pairs, split_by_prompt, tokenizer_corpus
+from safealign.data.readers import read_rows
+from safealign.data.records import fingerprint, rows_to_pairs
+from safealign.errors import BadInput
+from safealign.models.generation import pad
+from safealign.models.loading import apply_lora, load_score_model, load_tokenizer
+from safealign.models.score import TokenScorer
+from safealign.runtime import plots, report
+from safealign.runtime.io import atomic_write_json, check_output_dir, manifest, write_config
+from safealign.stages.trainer import default_lr, make_optimizer, make_scheduler, peak_memory_mb, total_steps_for, train_loop
+
+
+def load_pairs(cfg: PreferenceConfig, task: str):
+    """(train pairs, eval pairs, stats) with every validation done before anything is written."""
+    inconsistent = getattr(cfg, "inconsistent", "keep")
+    kw = dict(task=task, fmt=cfg.data_format, columns=cfg.columns, invalid_rows=cfg.invalid_rows, inconsistent=inconsistent)
+    pairs, stats = rows_to_pairs(read_rows(cfg.data, cfg.data_split), source=cfg.data, max_samples=cfg.max_samples, **kw)
+    data_stats = {"train_source": stats.to_dict()}
+    if cfg.eval_data:
+        eval_pairs, estats = rows_to_pairs(read_rows(cfg.eval_data, cfg.data_split), source=cfg.eval_data, **kw)
+        data_stats["eval_source"] = estats.to_dict()
+        train_pairs = pairs
+    else:
+        train_pairs, eval_pairs = split_by_prompt(pairs, cfg.eval_split, cfg.seed)
+        if not train_pairs:
+            raise BadInput(f"--eval-split {cfg.eval_split} leaves no training data ({len(pairs)} pairs)", where=cfg.data)
+    return train_pairs, eval_pairs, data_stats
+
+
+def collate(batch: list[EncodedPair], pad_id: int) -> dict:
+    """Chosen and rejected stacked into one forward: ids [2B, L] (first B chosen)."""
+    ids, mask = pad([e.chosen for e in batch] + [e.rejected for e in batch], pad_id)
+    return {"input_ids": ids, "attention_mask": mask,
+            "chosen_sign": torch.tensor([e.chosen_sign for e in batch], dtype=torch.float),
+            "rejected_sign": torch.tensor([e.rejected_sign for e in batch], dtype=torch.float),
+            "diverge": torch.tensor([e.diverge for e in batch])}
+
+
+def pair_loss(cfg, task: str):
+    """loss_fn(model, batch) -> (loss, stats) for the configured task and loss type."""
+    sign_weight = getattr(cfg, "sign_weight", 1.0)
+
+    def fn(model, batch):
+        dev = batch["input_ids"].device
+        scores, end, idx = model(batch["input_ids"], batch["attention_mask"])   # [2B, L], [2B], [2B]
+        B = end.shape[0] // 2
+        c_end, r_end = end[:B], end[B:]
+        cs, rs = batch["chosen_sign"].to(dev), batch["rejected_sign"].to(dev)
+        if cfg.loss_type == "sequence":
+            if task == "helpful":
+                loss, acc = L.bradley_terry_loss(c_end, r_end, cfg.regularization)
+                return loss, {"accuracy": acc}
+            # chosen = safer: lower cost; rejected = less safe: higher cost
+            loss, st = L.cost_loss(c_end, r_end, cs, rs, sign_weight, cfg.regularization)
+            return loss, {"accuracy": st["accuracy"], "sign_accuracy": st["sign_accuracy"]}
+        b, w, mask = L.token_wise_terms(scores[:B], scores[B:], idx[:B], idx[B:], batch["diverge"].to(dev))
+        if task == "helpful":
+            loss, acc = L.token_wise_bt_loss(b, w, mask, c_end, r_end, cfg.regularization)
+            return loss, {"accuracy": acc}
+        loss, st = L.token_wise_cost_loss(b, w, mask, cs, rs, c_end, r_end, sign_weight, cfg.regularization)
+        return loss, {"accuracy": st["accuracy"], "sign_accuracy": st["sign_accuracy"]}
+
+    return fn
+
+
+@torch.no_grad()
+def score_pairs(acc, scorer, examples: list[EncodedPair], pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """End scores of chosen/rejected for every example, gathered from all processes (in order)."""
+    scorer.eval()
+    chosen, rejected, cs, rs = [], [], [], []
+    shard = examples[acc.process_index::acc.num_processes]
+    n_local = len(shard)
+    n_max = -(-len(examples) // acc.num_processes)
+    shard = shard + shard[:1] * (n_max - n_local)  # equal work on every process; padding dropped below
+    for i in range(0, max(n_max, 1), batch_size):
+        part = shard[i:i + batch_size]
+        if not part:
+            break
+        b = collate(part, pad_id)
+        _, end, _ = scorer(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device))
+        k = len(part)
+        chosen.append(end[:k]), rejected.append(end[k:]), cs.append(b["chosen_sign"]), rs.append(b["rejected_sign"])
+    local = torch.stack([torch.cat(chosen).float(), torch.cat(rejected).float(), torch.cat(cs).to(acc.device), torch.cat(rs).to(acc.device)], dim=1)
+    valid = torch.zeros(local.shape[0], 1, device=acc.device)
+    valid[:n_local] = 1
+    allrows = acc.gather(torch.cat([local, valid], dim=1))
+    allrows = allrows[allrows[:, 4] > 0]
+    return {"chosen": allrows[:, 0].cpu(), "rejected": allrows[:, 1].cpu(), "chosen_sign": allrows[:, 2].cpu(), "rejected_sign": allrows[:, 3].cpu()}
+
+
+def eval_metrics(task: str, s: dict[str, torch.Tensor], bins: int = 10) -> tuple[dict, dict]:
+    """(metrics, extras for plots) from gathered eval scores."""
+    c, r = s["chosen"], s["rejected"]
+    both = torch.cat([c, r])
+    name = "reward" if task == "helpful" else "cost"
+    m = {"eval/accuracy": float((c > r).float().mean()) if task == "helpful" else float((r > c).float().mean()),
+         f"eval/{name}_mean": float(both.mean()), f"eval/{name}_std": float(both.std()) if len(both) > 1 else 0.0,
+         "eval/pairs": len(c)}
+    extras: dict = {}
+    if task == "safety":
+        sign = torch.cat([s["chosen_sign"], s["rejected_sign"]])
+        known = sign != 0
+        if known.any():
+            m["eval/sign_accuracy"] = float(((sign * both)[known] > 0).float().mean())
+            prob, label = torch.sigmoid(both[known]), (sign[known] > 0).long()
+            ece, rows = L.expected_calibration_error(prob, label, bins)
+            m["eval/ece"] = ece
+            m["eval/unsafe_rate_labelled"] = float(label.float().mean())
+            extras["reliability"] = rows
+            extras["by_label"] = {"labelled unsafe": both[known][label == 1].tolist(), "labelled safe": both[known][label == 0].tolist()}
+    return m, extras
+
+
+def run(cfg: PreferenceConfig, task: str) -> dict:
+    stage = "train-rm" if task == "helpful" else "train-cost"
+    out = check_output_dir(cfg.output_dir, cfg.resume)
+    train_pairs, eval_pairs, data_stats = load_pairs(cfg, task)
+    if task == "safety" and cfg.sign_weight > 0 and not any(p.chosen_unsafe is not None for p in train_pairs):
+        data_stats["mode"] = "ranking-only (no per-response safety labels in the data)"
+    saved_tok = out / "checkpoints" / "tokenizer"
+    tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
+    tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(train_pairs, cfg.template) if tok_source == "tiny" else None, vocab_size=cfg.tiny_vocab)
+    train_ex, train_counts = encode_pairs(tok, train_pairs, cfg.template, cfg.max_length)
+    eval_ex, eval_counts = encode_pairs(tok, eval_pairs, cfg.template, cfg.max_length)
+    if not train_ex:
+        raise BadInput("no training pairs left after tokenisation", where=cfg.data)
+    tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64))
+    model = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward" if task == "helpful" else "cost")
+    if cfg.lora_r:
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="SEQ_CLS")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+
+    from safealign.runtime.dist import finish, make_accelerator
+
+    acc = make_accelerator(dtype=cfg.dtype, grad_accum=cfg.grad_accum, deepspeed=cfg.deepspeed, report_to=cfg.report_to,
+                           project_dir=str(out), batch_size=cfg.batch_size)
+    total = total_steps_for(cfg, len(train_ex), acc.num_processes)
+    lr = default_lr(cfg)
+    scorer = TokenScorer(model)
+    optimizer = make_optimizer(scorer, lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, total)
+    scorer, optimizer = acc.prepare(scorer, optimizer)
+    acc.register_for_checkpointing(scheduler)
+
+    # From here on the output directory is written.
+    cfg_dict = to_dict(cfg)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(out / "config.yaml", cfg_dict)
+        atomic_write_json(out / "manifest.json", manifest(stage, seed=cfg.seed, data_fingerprint=fingerprint(train_pairs),
+                                                          extra={"train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "world_size": acc.num_processes}))
+    if cfg.report_to != "none":
+        acc.init_trackers(stage, config={k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool))})
+    bins = getattr(cfg, "calibration_bins", 10)
+    last_extras: dict = {}
+
+    def evaluate(step: int) -> dict:
+        if not eval_ex:
+            return {}
+        scores = score_pairs(acc, scorer, eval_ex, tok.pad_token_id, cfg.batch_size * 2)
+        metrics, extras = eval_metrics(task, scores, bins)
+        last_extras.update(extras, scores=scores)
+        return metrics
+
+    if acc.is_main_process and not saved_tok.is_dir():
+        tok.save_pretrained(saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
+    result = train_loop(acc=acc, cfg=cfg, model=scorer, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
+                        collate=lambda b: collate(b, tok.pad_token_id), loss_fn=pair_loss(cfg, task), out=out, total_steps=total,
+                        evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict)
+    final = _save_score_model(acc, scorer, tok, out, cfg)
+    if acc.is_main_process:
+        reload = verify_reload(out, acc.unwrap_model(scorer), eval_ex or train_ex, tok.pad_token_id)
+        counts = Counter(train_counts) + Counter(eval_counts)
+        summary = {
+            "stage": stage, "task": task, "model": cfg.model, "output_dir": str(out), "steps": result.total_steps,
+            "resumed_from_step": result.resumed_from, "world_size": acc.num_processes, "lr": lr,
+            "data": {**data_stats, "train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "truncated_pairs": counts["truncated_pairs"],
+                     "dropped_identical_after_truncation": counts["identical_after_truncation"]},
+            "train": {k: v for k, v in result.last_train.items() if k != "step"},
+            "eval": result.evals[-1] if result.evals else {},
+            "throughput": {"pairs_per_second": result.examples_per_second, "seconds": result.seconds, "peak_memory_mb": peak_memory_mb()},
+            "reload_check": reload, "saved": final,
+        }
+        _plots(out, task, last_extras)
+        report.write(out, summary, title=f"safealign {stage}")
+    finish(acc)
+    return summary if acc.is_main_process else {}
+
+
+def _save_score_model(acc, scorer, tok, out: Path, cfg) -> dict:
+    """Save the HF model (merged when LoRA; the adapter under adapter/) + tokenizer, atomically."""
+    from safealign.runtime.io import install_dir
+
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(scorer)  # gathers ZeRO-3 shards
+    saved = {}
+    if acc.is_main_process:
+        tmp = out / ".tmp-model"
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model = acc.unwrap_model(scorer).model
+        if cfg.lora_r:
+            model.save_pretrained(tmp / "adapter")
+            merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+            merged.save_pretrained(tmp, safe_serialization=True)
+            saved["adapter"] = str(out / "adapter")
+        else:
+            inner = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+            model.save_pretrained(tmp, state_dict=inner, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        install_dir(tmp, out)
+        saved["model"] = str(out)
+    acc.wait_for_everyone()
+    return saved
+
+
+@torch.no_grad()
+def verify_reload(out: Path, scorer: TokenScorer, examples: list[EncodedPair], pad_id: int, n: int = 16) -> dict:
+    """Reload the saved model with plain AutoModelForSequenceClassification and compare end scores."""
+    from transformers import AutoModelForSequenceClassification
+
+    if sum(p.numel() for p in scorer.parameters()) > 200_000_000:
+        return {"checked": False, "why": "model above 200M parameters: skipped to save time"}
+    part = examples[:n]
+    b = collate(part, pad_id)
+    plain = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    ref = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.squeeze(-1).float()
+    device = next(scorer.parameters()).device
+    scorer.eval()
+    _, ours, _ = scorer(b["input_ids"].to(device), b["attention_mask"].to(device))
+    diff = float((ref - ours.float().cpu()).abs().max())
+    return {"checked": True, "sequences": len(ref), "max_abs_diff": diff, "ok": diff < 1e-4}
+
+
+def _plots(out: Path, task: str, extras: dict) -> None:
+    from safealign.runtime.metrics import read_metrics
+
+    rows = read_metrics(out / "metrics.jsonl")
+    plots.curves(rows, ["train/loss"], out / "plots" / "loss.png", "training loss")
+    plots.curves(rows, [k for k in ("train/accuracy", "train/sign_accuracy", "eval/accuracy", "eval/sign_accuracy") if any(k in r for r in rows)],
+                 out / "plots" / "accuracy.png", "accuracy")
+    s = extras.get("scores")
+    if s is not None:
+        names = ("more helpful", "less helpful") if task == "helpful" else ("safer", "less safe")
+        plots.histogram({names[0]: s["chosen"].tolist(), names[1]: s["rejected"].tolist()}, out / "plots" / "scores_by_preference.png",
+                        f"eval {'reward' if task == 'helpful' else 'cost'} by preference", vlines={"zero": 0.0} if task == "safety" else None)
+    if extras.get("by_label"):
+        plots.histogram(extras["by_label"], out / "plots" / "cost_by_label.png", "eval cost by safety label", vlines={"threshold": 0.0}, xlabel="cost")
+    if extras.get("reliability"):
+        plots.reliability(extras["reliability"], out / "plots" / "reliability.png", "calibration of P(unsafe)")
+
+
+def run_reward(cfg) -> dict:
+    return run(cfg, "helpful")
+
+
+def run_cost(cfg: CostConfig) -> dict:
+    return run(cfg, "safety")

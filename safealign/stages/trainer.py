@@ -1,0 +1,170 @@
+"""The training-loop skeleton shared by train-rm, train-cost and sft.
+
+A stage supplies the model, the encoded examples, a collate function and a loss; this module
+owns what every stage must do the same way: deterministic data order (a function of seed and
+step, so a resumed run sees exactly the batches it would have seen), gradient accumulation,
+LR schedule, logging, atomic checkpoints and ``--resume``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from safealign.errors import BadInput
+from safealign.runtime import checkpoint as ckpt
+from safealign.runtime.metrics import MetricsLog
+
+
+@dataclass
+class LoopResult:
+    step: int
+    total_steps: int
+    resumed_from: int | None
+    seconds: float
+    examples_per_second: float
+    last_train: dict = field(default_factory=dict)
+    evals: list[dict] = field(default_factory=list)
+
+
+def default_lr(cfg, tiny_lr: float = 1e-3, pretrained_lr: float = 2e-5) -> float:
+    return cfg.lr if cfg.lr is not None else (tiny_lr if cfg.model == "tiny" else pretrained_lr)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with betas (0.9, 0.95) (Safe RLHF); no decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+
+
+def make_scheduler(optimizer, name: str, warmup_ratio: float, total_steps: int):
+    from transformers import get_scheduler
+
+    kind = {"constant": "constant_with_warmup"}.get(name, name)
+    return get_scheduler(kind, optimizer, num_warmup_steps=int(warmup_ratio * total_steps), num_training_steps=total_steps)
+
+
+def total_steps_for(cfg, n_examples: int, world: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    return max(1, math.ceil(cfg.epochs * n_examples / per_step))
+
+
+class DataOrder:
+    """Example indices as a pure function of (seed, position): epoch e is a seeded permutation."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._cache = n, seed, {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            self._cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._cache[epoch]
+
+    def take(self, start: int, count: int) -> list[int]:
+        return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + count)]
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def check_resume_compatible(saved: dict, current: dict, keys: tuple[str, ...], path: Path) -> None:
+    diff = [k for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
+        raise BadInput(f"cannot resume: the checkpoint was made with different settings ({detail})", where=str(path),
+                       fix="resume with the original settings, or start a new --output-dir")
+
+
+RESUME_KEYS = ("data", "model", "seed", "batch_size", "grad_accum", "max_steps", "epochs", "lora_r", "max_length")
+
+
+def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, examples: list, collate: Callable[[list], dict],
+               loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], out: Path, total_steps: int,
+               evaluate: Callable[[int], dict] | None = None, on_checkpoint_state: Callable[[], dict] | None = None,
+               cfg_dict: dict | None = None, unit: str = "pairs") -> LoopResult:
+    """Run optimizer steps ``[start, total_steps)``; returns where it stopped and throughput."""
+    world, rank = acc.num_processes, acc.process_index
+    log = MetricsLog(out / "metrics.jsonl", acc)
+    order = DataOrder(len(examples), cfg.seed)
+    start, resumed_from = 0, None
+    ckpt.clean_partial(out) if acc.is_main_process else None
+    if cfg.resume:
+        last = ckpt.latest_checkpoint(out)
+        if last is not None:
+            import json
+
+            saved = json.loads((last / "state.json").read_text())
+            check_resume_compatible(saved.get("config", {}), cfg_dict or {}, RESUME_KEYS, last)
+            state = ckpt.load_checkpoint(acc, last)
+            start = resumed_from = state["step"]
+            log.truncate_after(start)
+            acc.print(f"resumed from {last} (step {start}/{total_steps})")
+    micro = cfg.batch_size
+    per_step = micro * cfg.grad_accum * world
+    steps_per_epoch = max(1, len(examples) // per_step)
+    eval_every = cfg.eval_steps or steps_per_epoch
+    evals: list[dict] = []
+    last_train: dict = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=start, desc=f"{out.name}", disable=not acc.is_local_main_process or os.environ.get("SAFEALIGN_NO_PROGRESS") == "1",
+               dynamic_ncols=True)
+    t0, seen = time.perf_counter(), 0
+    window: dict[str, list[float]] = {}
+    model.train()
+    for step in range(start, total_steps):
+        for k in range(cfg.grad_accum):
+            pos = (step * cfg.grad_accum + k) * micro * world + rank * micro
+            batch = collate([examples[i] for i in order.take(pos, micro)])
+            with acc.accumulate(model):
+                loss, stats = loss_fn(model, batch)
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for key, v in {"loss": loss.detach(), **stats}.items():
+                window.setdefault(key, []).append(float(v))
+        scheduler.step()
+        seen += per_step
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_steps == 0 or done == total_steps:
+            means = {k: float(np.mean(v)) for k, v in window.items()}
+            keys = sorted(means)
+            synced = acc.reduce(torch.tensor([means[k] for k in keys], device=acc.device), reduction="mean").tolist()
+            row = {f"train/{k}": v for k, v in zip(keys, synced)}
+            row.update({"lr": scheduler.get_last_lr()[0], "epoch": done * per_step / len(examples),
+                        f"{unit}_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
+            last_train = log.log(done, row)
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}")
+            window = {}
+        if evaluate is not None and (done % eval_every == 0 or done == total_steps):
+            ev = evaluate(done)
+            evals.append(ev)
+            log.log(done, ev)
+            model.train()
+        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+            extra = on_checkpoint_state() if on_checkpoint_state else {}
+            ckpt.save_checkpoint(acc, out, done, {"config": cfg_dict or {}, **extra}, keep=cfg.keep_checkpoints)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    return LoopResult(total_steps, total_steps, resumed_from, seconds, seen / max(seconds, 1e-9), last_train, evals)
