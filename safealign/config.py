@@ -325,8 +325,18 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
 class SFTConfig(DataOptions, TrainOptions):
     """`safealign sft`: supervised fine-tuning of a starting policy on prompt/response data."""
 
+    data_format: str = opt("auto", "Row format: auto (detect), sft (prompt/response columns), or preference data (pku, pairs, hh) whose --preference-response is the target.", choices=("auto", "sft", "pku", "hh", "pairs"))
+    columns: dict[str, str] = opt({}, "Column mapping KEY=COLUMN (repeatable), e.g. --column prompt=instruction --column response=output. Keys: prompt, response; for preference data also those of train-rm (chosen, rejected, response_0, response_1, better_id, safer_id, ...).")
+    preference_response: str = opt("better", "With preference data (pku/pairs/hh): train on the more helpful response (better: better_response_id, or 'chosen') or the safer one (safer: safer_response_id).", choices=("better", "safer"))
+    check_prompts: int = opt(64, "Generation check after training: sample one response (temperature 1) for this many held-out prompts and score them with the synthetic-world oracle when the prompts come from that world (0 = off).")
+    check_max_new_tokens: int = opt(48, "Tokens generated per response in the generation check.")
+
     def validate(self) -> None:
         _validate_common(self)
+        if self.check_prompts < 0:
+            raise BadInput(f"config key 'check_prompts' = {self.check_prompts} must be >= 0")
+        if self.check_max_new_tokens < 1:
+            raise BadInput(f"config key 'check_max_new_tokens' = {self.check_max_new_tokens} must be >= 1")
 
 
 @dataclass
@@ -335,14 +345,15 @@ class SafetyTestConfig(GenerationOptions):
 
     policy: str | None = opt(None, "Policy directory to test (HF causal LM).")
     cost_model: str | None = opt(None, "Cost model directory (from train-cost).")
-    prompts: str | None = opt(None, "Held-out safety prompts (any supported data format; column 'prompt').")
-    output_dir: str | None = opt(None, "Output directory: report.json/.md, costs.jsonl, plots/, and release/ on PASS.")
+    prompts: str | None = opt(None, "Held-out safety prompts (any supported data format; duplicates on normalised text are dropped).")
+    prompt_column: str = opt("prompt", "Column of --prompts holding the prompt.")
+    output_dir: str | None = opt(None, "Output directory (new or empty): report.json/.md, costs.jsonl, plots/, and release/ on PASS.")
     threshold: float = opt(0.0, "Cost threshold tau: PASS requires the upper bound on E[cost] <= tau.")
     delta: float = opt(0.05, "Failure probability: the bound holds with probability >= 1 - delta.")
     bound: str = opt("student-t", "Upper confidence bound on E[cost]: student-t (HC-RLHF; approximate, needs a near-normal mean), hoeffding or bernstein (exact for costs in --cost-range).", choices=("student-t", "hoeffding", "bernstein"))
     cost_range: str | None = opt(None, "LOW,HIGH range of the cost for hoeffding/bernstein (costs are clipped to it; the report says how many).")
     alpha: float | None = opt(None, "Also require the Clopper-Pearson upper bound on P(cost > 0) to be <= alpha (e.g. 0.05 = at most 5% unsafe answers).")
-    samples_per_prompt: int = opt(1, "Responses sampled per prompt (all samples enter the bound).")
+    samples_per_prompt: int = opt(1, "Responses sampled per prompt. With more than one, the i.i.d. unit of the bound is the prompt: each prompt's mean cost is one sample.")
     max_prompts: int = opt(0, "Use at most this many prompts (0 = all).")
     batch_size: int = opt(16, "Prompts per generation batch.")
     seed: int = opt(42, "Sampling seed.")
@@ -364,8 +375,15 @@ class SafetyTestConfig(GenerationOptions):
             raise BadInput(f"config key 'alpha' = {self.alpha} must be in (0, 1)")
         if self.bound != "student-t" and not self.cost_range:
             raise BadInput(f"--bound {self.bound} needs --cost-range LOW,HIGH")
-        if self.samples_per_prompt < 1 or self.batch_size < 1:
-            raise BadInput("samples_per_prompt and batch_size must be >= 1")
+        if self.samples_per_prompt < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise BadInput("samples_per_prompt, batch_size and max_new_tokens must be >= 1")
+        if self.max_prompts < 0:
+            raise BadInput(f"config key 'max_prompts' = {self.max_prompts} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise BadInput(f"config key 'top_p' = {self.top_p} must be in (0, 1]")
+        if self.threshold != self.threshold or abs(self.threshold) == float("inf"):
+            raise BadInput(f"config key 'threshold' = {self.threshold} must be a finite number")
+        self.parsed_range()
 
     def parsed_range(self) -> tuple[float, float] | None:
         if not self.cost_range:
@@ -387,8 +405,9 @@ class EvalConfig(GenerationOptions):
     baseline: str | None = opt(None, "Second policy (the 'red corner') for a head-to-head table.")
     reward_model: str | None = opt(None, "Reward model directory.")
     cost_model: str | None = opt(None, "Cost model directory.")
-    prompts: str | None = opt(None, "Evaluation prompts (column 'prompt').")
-    output_dir: str | None = opt(None, "Output directory for report.json/.md and generations.jsonl.")
+    prompts: str | None = opt(None, "Evaluation prompts (any supported data format; duplicates are dropped).")
+    prompt_column: str = opt("prompt", "Column of --prompts holding the prompt.")
+    output_dir: str | None = opt(None, "Output directory (new or empty) for generations.jsonl, report.json/.md and plots/.")
     max_prompts: int = opt(0, "Use at most this many prompts (0 = all).")
     batch_size: int = opt(16, "Prompts per generation batch.")
     seed: int = opt(42, "Sampling seed.")
@@ -398,17 +417,25 @@ class EvalConfig(GenerationOptions):
     def validate(self) -> None:
         if not (self.policy and self.prompts and self.output_dir):
             raise BadInput("eval needs --policy, --prompts and --output-dir")
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                raise BadInput(f"config key '{key}' = {getattr(self, key)} must be >= 1")
+        if self.max_prompts < 0:
+            raise BadInput(f"config key 'max_prompts' = {self.max_prompts} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise BadInput(f"config key 'top_p' = {self.top_p} must be in (0, 1]")
 
 
 @dataclass
 class SplitConfig:
     """`safealign data split`: deterministic candidate/safety split of prompts, disjoint on normalised text."""
 
-    data: str | None = opt(None, "Prompt or preference data to split.")
-    output_dir: str | None = opt(None, "Directory for candidate.jsonl, safety.jsonl and split.json.")
+    data: str | None = opt(None, "Prompt or preference data to split (any supported data format).")
+    data_split: str = opt("train", "Split to read when --data is a HF dataset (directory or hub name).")
+    output_dir: str | None = opt(None, "Directory (new or empty) for candidate.jsonl, safety.jsonl and split.json.")
     safety_fraction: float = opt(0.4, "Fraction of distinct prompts that go to the safety part.")
     seed: int = opt(42, "Seed of the split.")
-    prompt_column: str = opt("prompt", "Column holding the prompt.")
+    prompt_column: str = opt("prompt", "Column holding the prompt (hh-rlhf rows without it: the dialogue before the last answer).")
 
     def validate(self) -> None:
         if not (self.data and self.output_dir):

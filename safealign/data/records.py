@@ -67,11 +67,12 @@ def parse_hh_dialogue(text: str) -> list[tuple[str, str]]:
 
 
 def detect_format(columns: set[str]) -> str:
-    if {"response_0", "response_1"} <= columns:
+    """Guess the row format from (mapped) column names; missing columns are reported afterwards."""
+    if columns & {"response_0", "response_1"}:
         return "pku"
-    if {"prompt", "chosen", "rejected"} <= columns:
+    if "prompt" in columns and columns & {"chosen", "rejected"}:
         return "pairs"
-    if {"chosen", "rejected"} <= columns:
+    if columns & {"chosen", "rejected"}:
         return "hh"
     return "unknown"
 

@@ -99,3 +99,26 @@ def write_config(path: Path, cfg_dict: dict) -> None:
     import yaml
 
     atomic_write_text(path, yaml.safe_dump(cfg_dict, sort_keys=False))
+
+
+PROMPT_HASHES = "prompt_hashes.txt"
+
+
+def read_prompt_hashes(model_dir: str | Path) -> set[str]:
+    """Hashes of every training prompt behind a model (empty when the model has no record)."""
+    p = Path(model_dir) / PROMPT_HASHES
+    return set(p.read_text().split()) if p.is_file() else set()
+
+
+def write_prompt_hashes(out: Path, prompts, inherit_from=()) -> int:
+    """Write ``prompt_hashes.txt``: hashes of this stage's training prompts (normalised text, see
+    data.records.prompt_hash) plus those recorded by the models it started from, so the safety test
+    can check that no held-out prompt was ever trained on. Returns the number of hashes."""
+    from safealign.data.records import prompt_hash
+
+    hashes = {prompt_hash(p if isinstance(p, str) else "\n".join(p)) for p in prompts}
+    for src in inherit_from:
+        if src:
+            hashes |= read_prompt_hashes(src)
+    atomic_write_text(Path(out) / PROMPT_HASHES, "".join(h + "\n" for h in sorted(hashes)))
+    return len(hashes)

@@ -22,7 +22,7 @@ from safealign.models.generation import pad
 from safealign.models.loading import apply_lora, load_score_model, load_tokenizer
 from safealign.models.score import TokenScorer
 from safealign.runtime import plots, report
-from safealign.runtime.io import atomic_write_json, check_output_dir, manifest, write_config
+from safealign.runtime.io import atomic_write_json, check_output_dir, manifest, write_config, write_prompt_hashes
 from safealign.stages.trainer import default_lr, make_optimizer, make_scheduler, peak_memory_mb, total_steps_for, train_loop
 
 
@@ -164,6 +164,7 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_config(out / "config.yaml", cfg_dict)
+        write_prompt_hashes(out, [p.prompt for p in train_pairs + eval_pairs], inherit_from=[cfg.model if cfg.model != "tiny" else None])
         atomic_write_json(out / "manifest.json", manifest(stage, seed=cfg.seed, data_fingerprint=fingerprint(train_pairs),
                                                           extra={"train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "world_size": acc.num_processes}))
     if cfg.report_to != "none":
