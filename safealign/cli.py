@@ -198,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if "torch" in sys.modules:
+        from safealign.runtime.dist import exit_distributed
+
+        exit_distributed(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

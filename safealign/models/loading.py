@@ -166,3 +166,25 @@ def apply_lora(model, *, r: int, alpha: int, dropout: float, targets: str, task:
         return get_peft_model(model, cfg)
     except ValueError as e:
         raise BadInput(f"cannot apply LoRA ({e})", fix="check --lora-targets against the model's module names") from None
+
+
+class local_load:
+    """Context manager: load a model in this process only, even while a ZeRO-3 run is active.
+
+    Under ZeRO-3 transformers builds models inside ``deepspeed.zero.Init``, which partitions the
+    weights with collectives every process must join; a load done by one process (a reload check, an
+    export) would wait for the others for ever. This hides the global DeepSpeed config meanwhile.
+    """
+
+    def __enter__(self):
+        from transformers.integrations import deepspeed as hf_ds
+
+        self._ref = hf_ds._hf_deepspeed_config_weak_ref
+        hf_ds._hf_deepspeed_config_weak_ref = None
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.integrations import deepspeed as hf_ds
+
+        hf_ds._hf_deepspeed_config_weak_ref = self._ref
+        return False

@@ -66,20 +66,43 @@ def _check_tracker(name: str) -> None:
 
 
 def finish(acc) -> None:
-    """End a run; in a multi-process run, tear down the process group and exit 0 at once.
+    """End a stage's use of the accelerator (every process calls it).
 
-    torch 2.13's gloo can abort at interpreter shutdown after all work is done (feasibility.md §4):
-    barrier + destroy_process_group + os._exit(0) avoids the spurious non-zero exit.
+    Multi-process runs leave the process group to :func:`exit_distributed`, which the CLI calls
+    after printing: torch 2.13's gloo can abort at interpreter shutdown after all work is done
+    (feasibility.md §4), so the CLI ends such runs with barrier + destroy + ``os._exit``.
     """
     if acc is None:
         return
-    acc.end_training()
     if acc.num_processes > 1:
-        import torch.distributed as dist
-
         acc.wait_for_everyone()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        return
+    acc.end_training()
+    reset_state()
+
+
+def exit_distributed(code: int) -> None:
+    """If this process is part of a process group: barrier, destroy it, flush and ``os._exit(code)``."""
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if "torch" not in sys.modules or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if code == 0:
+            dist.barrier()
+        dist.destroy_process_group()
+    finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(code)
+
+
+def reset_state() -> None:
+    """Forget accelerate's process-wide state so another stage can run in the same process (demo, tests)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
