@@ -267,6 +267,8 @@ class GenerationOptions:
 class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
     """`safealign ppo-lag`: PPO-Lagrangian (Safe RLHF): maximise reward subject to E[cost] <= threshold."""
 
+    batch_size: int = opt(16, "Prompts per device per rollout; one rollout is one step (--max-steps counts rollouts).")
+    lr: float | None = opt(None, "Actor peak learning rate (default: 1e-5 full fine-tuning, 1e-4 with --lora-r; 1e-3 for models under 10M parameters).")
     reward_model: str | None = opt(None, "Reward model directory (from train-rm).")
     cost_model: str | None = opt(None, "Cost model directory (from train-cost); not needed for --algorithm ppo.")
     reward_critic: str | None = opt(None, "Initial reward critic (default: the reward model).")
@@ -319,6 +321,32 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
             raise BadInput("batch_size must be divisible by minibatches")
         if not 0 < self.hc_delta < 1:
             raise BadInput("config key 'hc_delta' must be in (0, 1)")
+        if self.batch_size % (self.minibatches * self.grad_accum):
+            raise BadInput(f"batch_size {self.batch_size} must be divisible by minibatches x grad_accum = {self.minibatches * self.grad_accum}")
+        if self.constraint == "hc" and self.algorithm != "ppo-lag":
+            raise BadInput(f"--constraint hc needs --algorithm ppo-lag (got {self.algorithm})")
+        if self.constraint == "hc" and self.hc_safety_size < 2:
+            raise BadInput("config key 'hc_safety_size' must be >= 2")
+        if self.max_length < self.max_new_tokens + 8:
+            raise BadInput(f"max_length {self.max_length} leaves no room for the prompt with max_new_tokens {self.max_new_tokens}", fix="raise --max-length or lower --max-new-tokens")
+        if self.ptx_coeff > 0 and not self.ptx_data:
+            raise BadInput("--ptx-coeff > 0 needs --ptx-data (prompt/response rows)")
+        for key in ("kl_coeff", "ptx_coeff", "pid_kp", "pid_kd", "lambda_lr", "lambda_update_delay"):
+            if getattr(self, key) < 0:
+                raise BadInput(f"config key '{key}' must be >= 0")
+        for key in ("clip_range_score", "clip_range_ratio", "clip_range_value", "critic_lr"):
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
+                raise BadInput(f"config key '{key}' must be > 0")
+        if not (0 <= self.gae_lambda <= 1 and 0 < self.gamma <= 1):
+            raise BadInput("gamma must be in (0, 1] and gae_lambda in [0, 1]")
+        if self.algorithm == "ppo-lag":
+            if self.lambda_method == "sgd" and self.lambda_init <= 0:
+                raise BadInput(f"lambda_init must be > 0 with --lambda-method sgd (it learns log lambda), got {self.lambda_init}")
+            if self.lambda_init < 0 or (self.lambda_max is not None and not 0 < self.lambda_init <= self.lambda_max):
+                raise BadInput(f"lambda_init {self.lambda_init} must be in (0, lambda_max = {self.lambda_max}]")
+        if self.lora_r and (self.reward_critic or self.cost_critic):
+            raise BadInput("with --lora-r the critics are LoRA adapters on the policy's base model; --reward-critic/--cost-critic apply to full fine-tuning only",
+                           fix="drop --reward-critic/--cost-critic, or use --lora-r 0")
 
 
 @dataclass
