@@ -1,0 +1,428 @@
+"""`safealign sft`: supervised fine-tuning of a starting policy on prompt/response data.
+
+Data: rows with ``prompt`` and ``response`` (rename with ``--column prompt=X --column
+response=Y``), or preference data (PKU-SafeRLHF, prompt/chosen/rejected pairs, hh-rlhf) of which
+the response named by ``--preference-response`` is the target: ``better`` (the more helpful one:
+``better_response_id``, or ``chosen``) or ``safer`` (``safer_response_id``).
+
+Loss: next-token cross-entropy on the response tokens and the EOS only; the prompt (template
+included) is masked with -100 (Safe RLHF SFT). Each sequence is ``prompt + response + EOS`` as the
+data layer encodes it, so the EOS the policy learns is the one the score models read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from safealign.config import SFTConfig, to_dict
+from safealign.data.encode import encode, split_by_prompt
+from safealign.data.readers import read_rows
+from safealign.data.records import MAPPABLE, detect_format, fingerprint, rows_to_pairs
+from safealign.data.templates import format_prompt, format_response
+from safealign.errors import BadInput
+from safealign.models.generation import pad
+from safealign.runtime import plots, report
+from safealign.runtime.io import atomic_write_json, check_output_dir, manifest, write_config, write_prompt_hashes
+from safealign.stages.trainer import default_lr, make_optimizer, make_scheduler, peak_memory_mb, total_steps_for, train_loop
+
+IGNORE = -100
+SFT_KEYS = ("prompt", "response")
+
+
+@dataclass
+class SFTExample:
+    prompt: list[str]     # dialogue turns (user, assistant, ..., user)
+    response: str
+    row: int = 0
+
+
+@dataclass
+class EncodedSFT:
+    ids: list[int]        # prompt + response + [eos]
+    prompt_len: int       # tokens masked out of the loss
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def _prompt_turns(value, where: str) -> list[str]:
+    if isinstance(value, str) and value.strip():
+        return [value]
+    if isinstance(value, list) and value and len(value) % 2 == 1 and all(isinstance(t, str) and t.strip() for t in value):
+        return list(value)
+    raise ValueError(f"{where} must be a non-empty string (or an odd-length list of dialogue turns), got {value!r}")
+
+
+def rows_to_examples(rows: list[dict], *, source: str, fmt: str, columns: dict[str, str], invalid_rows: str,
+                     preference_response: str, max_samples: int = 0) -> tuple[list[SFTExample], dict]:
+    """Validate rows and convert them to (prompt turns, target response). Raises BadInput."""
+    unknown = sorted(set(columns) - set(MAPPABLE) - set(SFT_KEYS))
+    if unknown:
+        raise BadInput(f"unknown --column key(s) {', '.join(unknown)}", fix=f"use keys among prompt, response (or {', '.join(MAPPABLE)} for preference data)")
+    if not rows:
+        raise BadInput("the data has no rows", where=source)
+    present = set().union(*(r.keys() for r in rows[:50]))
+    pcol, rcol = columns.get("prompt", "prompt"), columns.get("response", "response")
+    if fmt == "auto":
+        if rcol in present:
+            fmt = "sft"
+        else:
+            renamed = {k: columns.get(k, k) for k in ("prompt", "chosen", "rejected", "response_0", "response_1")}
+            fmt = detect_format({k for k, v in renamed.items() if v in present})
+            if fmt == "unknown":
+                raise BadInput(f"missing column '{rcol}' (the target response; the data has {sorted(present)})", where=source,
+                               fix="rename it with --column response=YOUR_COLUMN (and --column prompt=... if needed), "
+                                   "or give preference data (prompt/chosen/rejected or PKU-SafeRLHF columns)")
+    if fmt != "sft":
+        pref_cols = {k: v for k, v in columns.items() if k not in SFT_KEYS or k == "prompt"}
+        task = "helpful" if preference_response == "better" else "safety"
+        pairs, st = rows_to_pairs(rows, source=source, task=task, fmt=fmt, columns=pref_cols, invalid_rows=invalid_rows,
+                                  inconsistent="keep", max_samples=max_samples)
+        ex = [SFTExample(p.prompt, p.chosen, p.row) for p in pairs]
+        return ex, {"format": fmt, "target": f"{preference_response} response of each pair", **st.to_dict()}
+    for col, key in ((pcol, "prompt"), (rcol, "response")):
+        if col not in present:
+            raise BadInput(f"missing column '{col}' (needed as '{key}'; the data has {sorted(present)})", where=source,
+                           fix=f"rename it with --column {key}=YOUR_COLUMN")
+    out: list[SFTExample] = []
+    skipped: Counter = Counter()
+    for i, row in enumerate(rows, start=1):
+        if max_samples and len(out) >= max_samples:
+            break
+        try:
+            prompt = _prompt_turns(row.get(pcol), f"column '{pcol}'")
+            resp = row.get(rcol)
+            if not isinstance(resp, str) or not resp.strip():
+                raise ValueError(f"column '{rcol}' must be a non-empty string, got {resp!r}")
+        except ValueError as e:
+            if invalid_rows == "skip":
+                skipped["invalid"] += 1
+                continue
+            raise BadInput(f"row {i}: {e}", where=source,
+                           fix="correct the row, or pass --invalid-rows skip to skip such rows (they are counted in the report)") from None
+        out.append(SFTExample(prompt, resp, i))
+    if not out:
+        raise BadInput(f"no usable rows left after filtering (skipped: {dict(skipped) or 'none'})", where=source)
+    return out, {"format": "sft", "rows": len(rows), "kept": len(out), "skipped": dict(skipped)}
+
+
+def load_examples(cfg: SFTConfig) -> tuple[list[SFTExample], list[SFTExample], dict]:
+    kw = dict(fmt=cfg.data_format, columns=cfg.columns, invalid_rows=cfg.invalid_rows, preference_response=cfg.preference_response)
+    examples, st = rows_to_examples(read_rows(cfg.data, cfg.data_split), source=cfg.data, max_samples=cfg.max_samples, **kw)
+    stats = {"train_source": st}
+    if cfg.eval_data:
+        evals, est = rows_to_examples(read_rows(cfg.eval_data, cfg.data_split), source=cfg.eval_data, **kw)
+        stats["eval_source"] = est
+        return examples, evals, stats
+    train, evals = split_by_prompt(examples, cfg.eval_split, cfg.seed)  # held-out prompts: all their rows
+    if not train:
+        raise BadInput(f"--eval-split {cfg.eval_split} leaves no training data ({len(examples)} rows)", where=cfg.data)
+    return train, evals, stats
+
+
+def encode_examples(tok, examples: list[SFTExample], template: str, max_length: int) -> tuple[list[EncodedSFT], Counter]:
+    out, counts = [], Counter()
+    for e in examples:
+        enc = encode(tok, format_prompt(e.prompt, template, tok), format_response(e.response, template), max_length)
+        counts["truncated"] += int(enc.truncated)
+        out.append(EncodedSFT(enc.ids, enc.prompt_len))
+    return out, counts
+
+
+def tokenizer_corpus(examples: list[SFTExample], template: str) -> list[str]:
+    return [t for e in examples for t in (format_prompt(e.prompt, template), format_response(e.response, template))]
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+
+
+def collate(batch: list[EncodedSFT], pad_id: int) -> dict:
+    """ids/mask [B, L] right-padded; labels [B, L] = ids on response + EOS, -100 on prompt and padding."""
+    ids, mask = pad([e.ids for e in batch], pad_id)
+    labels = ids.clone()
+    for i, e in enumerate(batch):
+        labels[i, : e.prompt_len] = IGNORE
+    labels[mask == 0] = IGNORE
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token NLL.   logits [B, L, V], labels [B, L] -> (nll [B, L-1], correct [B, L-1], mask [B, L-1])
+
+    Position t predicts token t+1; positions whose target is -100 have mask 0 (nll 0).
+    """
+    target = labels[:, 1:]                                   # [B, L-1]
+    mask = target != IGNORE                                  # [B, L-1]
+    logits = logits[:, :-1].float()                          # [B, L-1, V]
+    safe = target.masked_fill(~mask, 0)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), safe, reduction="none") * mask  # [B, L-1]
+    correct = (logits.argmax(-1) == target) & mask           # [B, L-1]
+    return nll, correct, mask
+
+
+def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Mean NLL over the micro-batch's response tokens (+ EOS); token accuracy as a stat."""
+    dev = next(model.parameters()).device
+    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    nll, correct, mask = token_nll(logits, batch["labels"].to(dev))
+    n = mask.sum().clamp(min=1)
+    return nll.sum() / n, {"token_accuracy": (correct.sum() / n).detach()}
+
+
+@torch.no_grad()
+def lm_eval(acc, model, examples: list[EncodedSFT], pad_id: int, batch_size: int) -> dict:
+    """Token-weighted eval loss, token accuracy and perplexity over all processes."""
+    model.eval()
+    shard = examples[acc.process_index::acc.num_processes]
+    n_local, n_max = len(shard), -(-len(examples) // acc.num_processes)
+    shard = shard + shard[:1] * (n_max - n_local)   # equal work per process; the padding has weight 0
+    sums = torch.zeros(3, device=acc.device)         # nll, correct, tokens
+    dev = acc.device
+    for i in range(0, n_max, batch_size):
+        part = shard[i:i + batch_size]
+        b = collate(part, pad_id)
+        logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
+        nll, correct, mask = token_nll(logits, b["labels"].to(dev))
+        w = (torch.arange(i, i + len(part), device=dev) < n_local).float()[:, None]   # [B, 1]
+        sums += torch.stack([(nll * w).sum(), (correct * w).sum(), (mask * w).sum()])
+    sums = acc.reduce(sums, reduction="sum")
+    loss = float(sums[0] / sums[2].clamp(min=1))
+    return {"eval/loss": loss, "eval/token_accuracy": float(sums[1] / sums[2].clamp(min=1)),
+            "eval/perplexity": float(torch.exp(torch.tensor(min(loss, 50.0)))), "eval/tokens": int(sums[2])}
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def run(cfg: SFTConfig) -> dict:
+    from safealign.models.loading import apply_lora, load_causal_lm, load_tokenizer
+    from safealign.runtime import checkpoint as ckpt
+    from safealign.runtime.metrics import MetricsLog
+
+    t_start = time.perf_counter()
+    out = check_output_dir(cfg.output_dir, cfg.resume)
+    train_rows, eval_rows, data_stats = load_examples(cfg)
+    saved_tok = out / "checkpoints" / "tokenizer"
+    tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
+    tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(train_rows, cfg.template) if tok_source == "tiny" else None,
+                         vocab_size=cfg.tiny_vocab)
+    train_ex, train_counts = encode_examples(tok, train_rows, cfg.template, cfg.max_length)
+    eval_ex, eval_counts = encode_examples(tok, eval_rows, cfg.template, cfg.max_length)
+    tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64) + cfg.check_max_new_tokens)
+    model = load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny)
+    resized = _embeddings_resized(cfg.model, model)
+    if cfg.lora_r:
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="CAUSAL_LM")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if cfg.lora_r:
+            model.enable_input_require_grads()
+
+    from safealign.runtime.dist import finish, make_accelerator
+
+    acc = make_accelerator(dtype=cfg.dtype, grad_accum=cfg.grad_accum, deepspeed=cfg.deepspeed, report_to=cfg.report_to,
+                           project_dir=str(out), batch_size=cfg.batch_size)
+    total = total_steps_for(cfg, len(train_ex), acc.num_processes)
+    lr = default_lr(cfg)
+    optimizer = make_optimizer(model, lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, total)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+
+    # From here on the output directory is written.
+    cfg_dict = to_dict(cfg)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(out / "config.yaml", cfg_dict)
+        write_prompt_hashes(out, [e.prompt for e in train_rows + eval_rows], inherit_from=[cfg.model if cfg.model != "tiny" else None])
+        atomic_write_json(out / "manifest.json", manifest("sft", seed=cfg.seed, data_fingerprint=fingerprint(train_rows),
+                                                          extra={"train_examples": len(train_ex), "eval_examples": len(eval_ex),
+                                                                 "world_size": acc.num_processes}))
+        if cfg.resume and ckpt.latest_checkpoint(out) is None:
+            MetricsLog(out / "metrics.jsonl").truncate_after(0)  # killed before its first checkpoint: start over cleanly
+    if cfg.report_to != "none":
+        acc.init_trackers("sft", config={k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool))})
+
+    def evaluate(step: int) -> dict:
+        return lm_eval(acc, model, eval_ex, tok.pad_token_id, cfg.batch_size * 2)
+
+    if acc.is_main_process and not saved_tok.is_dir():
+        tok.save_pretrained(saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
+    result = train_loop(acc=acc, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
+                        collate=lambda b: collate(b, tok.pad_token_id), loss_fn=sft_loss, out=out, total_steps=total,
+                        evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict, unit="examples")
+    final, merged = _save_policy(acc, model, tok, out, cfg, resized)
+    summary: dict = {}
+    if acc.is_main_process:
+        plugin = acc.state.deepspeed_plugin
+        if plugin is not None and plugin.zero_stage == 3:  # the in-memory weights are sharded: check the saved copy
+            from transformers import AutoModelForCausalLM
+
+            merged = AutoModelForCausalLM.from_pretrained(str(out)).to(acc.device)
+        reload = verify_reload(out, merged, eval_ex or train_ex, tok.pad_token_id)
+        check = generation_check(merged, tok, eval_rows or train_rows, train_rows, cfg)
+        counts = Counter(train_counts) + Counter(eval_counts)
+        ev = result.evals[-1] if result.evals else {}
+        summary = {
+            "stage": "sft", "model": cfg.model, "output_dir": str(out), "steps": result.total_steps,
+            "resumed_from_step": result.resumed_from, "world_size": acc.num_processes, "lr": lr,
+            "data": {**data_stats, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+                     "truncated_examples": counts["truncated"],
+                     "response_tokens_train": sum(len(e.ids) - e.prompt_len for e in train_ex)},
+            "train": {k: v for k, v in result.last_train.items() if k != "step"},
+            "eval": ev,
+            "generation_check": check,
+            "throughput": {"examples_per_second": result.examples_per_second, "seconds": result.seconds,
+                           "peak_memory_mb": peak_memory_mb(), "total_seconds": time.perf_counter() - t_start},
+            "reload_check": reload, "saved": final,
+        }
+        summary["headline"] = _headline(summary)
+        _plots(out)
+        report.write(out, summary, title="safealign sft",
+                     intro="Loss: next-token cross-entropy on response tokens + EOS (prompt masked). "
+                           "Perplexity = exp(eval loss per response token).")
+    finish(acc)
+    return summary
+
+
+def _headline(s: dict) -> str:
+    parts = [f"sft: {s['steps']} steps"]
+    if s["train"].get("train/loss") is not None:
+        parts.append(f"train loss {s['train']['train/loss']:.3f}")
+    if s["eval"]:
+        parts.append(f"eval loss {s['eval']['eval/loss']:.3f} (ppl {s['eval']['eval/perplexity']:.2f}, token acc {100 * s['eval']['eval/token_accuracy']:.1f}%)")
+    o = (s.get("generation_check") or {}).get("oracle")
+    if o:
+        parts.append(f"oracle on {o['n']} held-out prompts: helpfulness {o['helpfulness_mean']:.2f}, unsafe {100 * o['harm_rate']:.1f}%")
+    return "; ".join(parts)
+
+
+def _embeddings_resized(name: str, model) -> bool:
+    """True when the tokenizer gained tokens (e.g. a <pad>) and the embeddings were resized."""
+    if name == "tiny":
+        return False
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name).vocab_size != model.get_input_embeddings().weight.shape[0]
+    except (OSError, ValueError):
+        return False
+
+
+def _save_policy(acc, model, tok, out: Path, cfg, resized: bool = False) -> tuple[dict, torch.nn.Module | None]:
+    """Save the HF causal LM (merged when LoRA; the adapter under adapter/) + tokenizer, atomically.
+
+    When the tokenizer gained tokens, the adapter also stores the resized embedding and output
+    layers, and it loads on the base model after ``base.resize_token_embeddings(len(tokenizer))``
+    (the tokenizer is saved beside the adapter). Returns (paths, the in-memory model equal to the
+    saved one, on the main process).
+    """
+    import shutil
+
+    from safealign.runtime.io import install_dir
+
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(model)  # gathers ZeRO-3 shards
+    saved, merged = {}, None
+    if acc.is_main_process:
+        tmp = out / ".tmp-model"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        inner = acc.unwrap_model(model)
+        if cfg.lora_r:
+            inner.save_pretrained(tmp / "adapter", save_embedding_layers=resized)
+            tok.save_pretrained(tmp / "adapter")
+            merged = inner.merge_and_unload()
+            merged.save_pretrained(tmp, safe_serialization=True)
+            saved["adapter"] = str(out / "adapter")
+            saved["adapter_base"] = cfg.model
+            if resized:
+                saved["adapter_note"] = (f"the tokenizer gained tokens ({len(tok)} in all): load the adapter on the base after "
+                                         "base.resize_token_embeddings(len(tokenizer)), or use the merged model")
+        else:
+            merged = inner
+            inner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        install_dir(tmp, out)
+        saved["model"] = str(out)
+    acc.wait_for_everyone()
+    return saved, merged
+
+
+@torch.no_grad()
+def verify_reload(out: Path, model, examples: list[EncodedSFT], pad_id: int, n: int = 8) -> dict:
+    """Reload the saved policy with plain AutoModelForCausalLM: same logits, and it generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if sum(p.numel() for p in model.parameters()) > 200_000_000:
+        return {"checked": False, "why": "model above 200M parameters: skipped to save time"}
+    plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    b = collate(examples[:n], pad_id)
+    ref = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    device = next(model.parameters()).device
+    model.eval()
+    ours = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits.float().cpu()
+    m = b["attention_mask"].bool()
+    diff = float((ref - ours)[m].abs().max())
+    prompt = examples[0].ids[: examples[0].prompt_len]
+    gen = plain.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                         max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    new = gen.shape[1] - len(prompt)
+    return {"checked": True, "sequences": len(examples[:n]), "max_abs_logit_diff": diff, "generated_tokens": int(new),
+            "ok": diff < 1e-3 and new > 0}
+
+
+@torch.no_grad()
+def generation_check(model, tok, prompts_from: list[SFTExample], train_rows: list[SFTExample], cfg) -> dict:
+    """Sample one response (temperature 1, seeded) for a few held-out prompts; oracle scores on world prompts."""
+    from safealign.models.generation import decode_responses, encode_prompts, sample
+    from safealign.stages.evaluate import all_world_prompts, oracle_metrics
+
+    if not cfg.check_prompts or model is None:
+        return {}
+    seen, prompts = set(), []
+    for e in prompts_from:
+        if len(e.prompt) == 1 and e.prompt[0] not in seen:
+            seen.add(e.prompt[0])
+            prompts.append(e.prompt[0])
+        if len(prompts) >= cfg.check_prompts:
+            break
+    if not prompts:
+        return {}
+    model.eval()
+    ids = encode_prompts(tok, prompts, cfg.template)
+    torch.manual_seed(cfg.seed)
+    texts, eos = [], []
+    for i in range(0, len(ids), 32):
+        ro = sample(model, tok, ids[i:i + 32], max_new_tokens=cfg.check_max_new_tokens, temperature=1.0)
+        texts += decode_responses(tok, ro)
+        eos += ro.eos_hit.tolist()
+    out: dict = {"prompts": len(prompts), "held_out": prompts_from is not train_rows, "temperature": 1.0,
+                 "max_new_tokens": cfg.check_max_new_tokens, "eos_rate": sum(eos) / len(eos),
+                 "examples": [{"prompt": p, "response": r} for p, r in zip(prompts[:4], texts[:4])]}
+    if all_world_prompts(prompts):
+        o = oracle_metrics(prompts, texts)
+        o.pop("by_category")
+        out["oracle"] = o
+        single = [e for e in train_rows if len(e.prompt) == 1]
+        ref = oracle_metrics([e.prompt[0] for e in single], [e.response for e in single])
+        out["oracle_training_responses"] = {k: ref[k] for k in ("n", "helpfulness_mean", "harm_rate", "harm_rate_harmful_prompts",
+                                                                "refusal_rate_harmful_prompts")}
+    return out
+
+
+def _plots(out: Path) -> None:
+    from safealign.runtime.metrics import read_metrics
+
+    rows = read_metrics(out / "metrics.jsonl")
+    plots.curves(rows, ["train/loss", "eval/loss"], out / "plots" / "loss.png", "SFT loss (response tokens)")
+    plots.curves(rows, ["train/token_accuracy", "eval/token_accuracy"], out / "plots" / "token_accuracy.png", "next-token accuracy")
