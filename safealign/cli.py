@@ -39,11 +39,16 @@ def _option_type(tp) -> Any:
     return Optional[inner]
 
 
-def config_command(target: typer.Typer, name: str, cls, runner: Callable[[Any], Any], section: str | None = None):
-    """Register ``name`` on ``target`` with one flag per config field, running ``runner(cfg)``."""
-    params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
-                                default=typer.Option(None, "--config", "-c", help="YAML recipe; flags override its values."))]
-    annotations: dict[str, Any] = {"config": Optional[Path]}
+def config_command(target: typer.Typer, name: str, cls, runner: Callable[[Any], Any], section: str | None = None,
+                   recipe_flag: bool = True):
+    """Register ``name`` on ``target`` with one flag per config field, running ``runner(cfg)``.
+
+    ``recipe_flag=False`` leaves ``--config`` to a field of ``cls`` (a command whose recipe is another stage's)."""
+    params, annotations = [], {}
+    if recipe_flag:
+        params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                                        default=typer.Option(None, "--config", "-c", help="YAML recipe; flags override its values.")))
+        annotations["config"] = Optional[Path]
     for f in C.config_fields(cls):
         if not f.metadata.get("flag", True):
             continue
@@ -69,7 +74,7 @@ def config_command(target: typer.Typer, name: str, cls, runner: Callable[[Any], 
         annotations[f.name] = tp
 
     def command(**kwargs):
-        config_path = kwargs.pop("config")
+        config_path = kwargs.pop("config") if recipe_flag else None
         cfg = C.build_config(cls, config_path, kwargs, section=section or name)
         return runner(cfg)
 
@@ -88,37 +93,56 @@ def dataclasses_missing():
 # ---- commands -------------------------------------------------------------------------------
 
 
+def _quiet() -> None:
+    """No per-file progress bars from transformers/datasets (our own progress bar stays)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def _train_rm(cfg):
+    _quiet()
     from safealign.stages.preference import run_reward
 
     _print_summary(run_reward(cfg))
 
 
 def _train_cost(cfg):
+    _quiet()
     from safealign.stages.preference import run_cost
 
     _print_summary(run_cost(cfg))
 
 
 def _ppo_lag(cfg):
+    _quiet()
     from safealign.stages.ppo_lag import run
 
     _print_summary(run(cfg))
 
 
 def _safety_test(cfg):
+    _quiet()
     from safealign.stages.safety_test import run
 
     _print_summary(run(cfg))
 
 
 def _sft(cfg):
+    _quiet()
     from safealign.stages.sft import run
 
     _print_summary(run(cfg))
 
 
 def _eval(cfg):
+    _quiet()
     from safealign.stages.evaluate import run
 
     _print_summary(run(cfg))
@@ -140,6 +164,12 @@ def _synth(cfg):
         typer.echo(f"{name}: {path}")
 
 
+def _plan(cfg):
+    from safealign.plan import run
+
+    _print_summary(run(cfg))
+
+
 def _print_summary(summary: dict | None) -> None:
     if not summary:
         return
@@ -158,6 +188,7 @@ config_command(app, "sft", C.SFTConfig, _sft)
 config_command(app, "eval", C.EvalConfig, _eval)
 config_command(data_app, "split", C.SplitConfig, _split)
 config_command(data_app, "synth", C.SynthConfig, _synth)
+config_command(app, "plan", C.PlanConfig, _plan, recipe_flag=False)
 
 
 @app.command("version")

@@ -506,3 +506,19 @@ class SynthConfig:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "output_dir"}
         fields["taste_shares"] = {k: float(v) for k, v in fields["taste_shares"].items()}
         return WorldConfig(**fields).validate()
+
+
+@dataclass
+class PlanConfig:
+    """`safealign plan`: per-device memory estimate of a stage under each ZeRO stage, offload and LoRA, and a recommended layout."""
+
+    config: str | None = opt(None, "The stage's YAML recipe to plan for (flat, or sectioned by command name).")
+    stage: str = opt("ppo-lag", "Stage to plan (its section of --config is read when the recipe is sectioned).", choices=("train-rm", "train-cost", "sft", "ppo-lag"))
+    model: str | None = opt(None, "Model (path, hub name or tiny) when the recipe does not name one; only its config is read.")
+    gpus: int = opt(8, "Devices per node.")
+    nodes: int = opt(1, "Nodes.")
+    gpu_mem: str = opt("80GB", "Memory per device (e.g. 80GB, 24GiB).")
+    batch_size: int | None = opt(None, "Micro-batch per device (default: the recipe's).")
+    seq_len: int | None = opt(None, "Sequence length (default: the recipe's max_length, or prompt + max_new_tokens for ppo-lag).")
+    dtype: str = opt("bf16", "Training precision assumed.", choices=("bf16", "fp32"))
+    output: str | None = opt(None, "Also write the plan as JSON here.")

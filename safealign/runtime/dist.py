@@ -34,20 +34,28 @@ def make_accelerator(*, dtype: str = "auto", grad_accum: int = 1, deepspeed: str
     if report_to != "none":
         _check_tracker(report_to)
         kwargs.update(log_with=report_to, project_dir=project_dir)
-    if deepspeed:
-        from accelerate.utils import DeepSpeedPlugin
-
-        if not os.path.isfile(deepspeed):
-            raise BadInput("DeepSpeed config not found", where=deepspeed)
+    launched_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed or launched_ds:
         if not cuda:
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
             kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed, gradient_accumulation_steps=grad_accum)
+        if launched_ds:
+            # `accelerate launch --use_deepspeed/--config_file` already describes the plugin through the
+            # environment; a second description (ours) would conflict with it.
+            kwargs.pop("mixed_precision")
+        else:
+            from accelerate.utils import DeepSpeedPlugin
+
+            if not os.path.isfile(deepspeed):
+                raise BadInput("DeepSpeed config not found", where=deepspeed)
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed, gradient_accumulation_steps=grad_accum)
     elif not cuda:
         kwargs["cpu"] = True
     acc = Accelerator(**kwargs)
-    if deepspeed and batch_size:
-        acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+    if acc.state.deepspeed_plugin is not None and batch_size:
+        ds_cfg = acc.state.deepspeed_plugin.deepspeed_config
+        ds_cfg["train_micro_batch_size_per_gpu"] = batch_size
+        ds_cfg["gradient_accumulation_steps"] = grad_accum
+        ds_cfg["train_batch_size"] = batch_size * grad_accum * acc.num_processes
     world = launched_world_size()
     if acc.num_processes != world:
         raise BadInput(f"the launcher started WORLD_SIZE={world} processes, but they did not join one process group "

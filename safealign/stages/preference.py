@@ -193,7 +193,7 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
         counts = Counter(train_counts) + Counter(eval_counts)
         summary = {
             "stage": stage, "task": task, "model": cfg.model, "output_dir": str(out), "steps": result.total_steps,
-            "resumed_from_step": result.resumed_from, "world_size": acc.num_processes, "lr": lr,
+            "resumed_from_step": result.resumed_from, "world_size": acc.num_processes, "distributed": str(acc.distributed_type).split(".")[-1], "lr": lr,
             "data": {**data_stats, "train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "truncated_pairs": counts["truncated_pairs"],
                      "dropped_identical_after_truncation": counts["identical_after_truncation"]},
             "train": {k: v for k, v in result.last_train.items() if k != "step"},

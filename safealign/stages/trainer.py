@@ -117,6 +117,8 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
             start = resumed_from = state["step"]
             log.truncate_after(start)
             acc.print(f"resumed from {last} (step {start}/{total_steps})")
+    if start == 0:
+        log.truncate_after(0)  # a run killed before its first checkpoint starts again from nothing
     micro = cfg.batch_size
     per_step = micro * cfg.grad_accum * world
     steps_per_epoch = max(1, len(examples) // per_step)
