@@ -115,6 +115,11 @@ def _train_rm(cfg):
 
 def _train_cost(cfg):
     _quiet()
+    if cfg.crowd:
+        from safealign.stages.crowd import run as run_crowd
+
+        _print_summary(run_crowd(cfg))
+        return
     from safealign.stages.preference import run_cost
 
     _print_summary(run_cost(cfg))
@@ -164,6 +169,13 @@ def _synth(cfg):
         typer.echo(f"{name}: {path}")
 
 
+def _demo(cfg):
+    _quiet()
+    from safealign.stages.demo import run
+
+    _print_summary(run(cfg))
+
+
 def _plan(cfg):
     from safealign.plan import run
 
@@ -189,6 +201,7 @@ config_command(app, "eval", C.EvalConfig, _eval)
 config_command(data_app, "split", C.SplitConfig, _split)
 config_command(data_app, "synth", C.SynthConfig, _synth)
 config_command(app, "plan", C.PlanConfig, _plan, recipe_flag=False)
+config_command(app, "demo", C.DemoConfig, _demo)
 
 
 @app.command("version")

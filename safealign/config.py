@@ -102,6 +102,12 @@ class CostConfig(PreferenceConfig):
     sign_weight: float = opt(1.0, "Weight of the sign terms that push safe responses below 0 and unsafe above 0 (0 = ranking only).")
     inconsistent: str = opt("skip", "Rows whose per-response safety labels contradict the safer label (the safer one unsafe, the other safe): skip them (counted in the report) or keep them (the ranking and sign terms then pull against each other).", choices=("skip", "keep"))
     calibration_bins: int = opt(10, "Bins of the expected calibration error of P(unsafe) = sigmoid(cost).")
+    crowd: bool = opt(False, "Learn the cost from crowd preferences WITHOUT safety labels: per-annotator preference model over pairs with an annotator_id column; the shared safety component becomes the cost (see README, 'Implicit safety').")
+    min_labels_per_annotator: int = opt(20, "--crowd: annotators with fewer labelled pairs are bad input (exit 2) unless --invalid-rows skip drops them.")
+    crowd_taste_axes: int = opt(-1, "--crowd: taste axes (directions annotators disagree on) removed from the mean head; -1 = auto: the leading axes whose split-half reliability across annotators is significant.")
+    crowd_head_l2: float = opt(0.01, "--crowd: L2 on each annotator's deviation from the population head (random-effects shrinkage; larger = closer to one pooled model).")
+    crowd_zero_quantile: float = opt(0.5, "--crowd: without safety labels the zero point is a convention: cost = 0 at this quantile of the training responses' costs (0.8 = the 20% most dispreferred are called unsafe).")
+    crowd_baseline: bool = opt(True, "--crowd: also train the pooled Bradley-Terry baseline (one head for all annotators) on the same labels and compare; saved as a reward model under pooled_baseline/.")
 
 
 def _validate_common(cfg) -> None:
@@ -514,11 +520,37 @@ class PlanConfig:
 
     config: str | None = opt(None, "The stage's YAML recipe to plan for (flat, or sectioned by command name).")
     stage: str = opt("ppo-lag", "Stage to plan (its section of --config is read when the recipe is sectioned).", choices=("train-rm", "train-cost", "sft", "ppo-lag"))
-    model: str | None = opt(None, "Model (path, hub name or tiny) when the recipe does not name one; only its config is read.")
+    model: str | None = opt(None, "Model to plan for, overriding the recipe's: a local model directory (only its config.json is read), tiny, or a preset (llama-7b, llama-13b, llama-3-8b, mistral-7b, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b).")
     gpus: int = opt(8, "Devices per node.")
     nodes: int = opt(1, "Nodes.")
     gpu_mem: str = opt("80GB", "Memory per device (e.g. 80GB, 24GiB).")
-    batch_size: int | None = opt(None, "Micro-batch per device (default: the recipe's).")
+    batch_size: int | None = opt(None, "Per-device batch_size of the stage (pairs for train-rm/cost, prompts per rollout for ppo-lag; default: the recipe's).")
     seq_len: int | None = opt(None, "Sequence length (default: the recipe's max_length, or prompt + max_new_tokens for ppo-lag).")
     dtype: str = opt("bf16", "Training precision assumed.", choices=("bf16", "fp32"))
     output: str | None = opt(None, "Also write the plan as JSON here.")
+    attention: str = opt("sdpa", "Attention kernel assumed: sdpa (flash/memory-efficient, no seq x seq scores kept) or eager (keeps the attention scores).", choices=("sdpa", "eager"))
+    margin: float = opt(0.15, "Fraction of --gpu-mem kept free for the CUDA context, communication buckets and fragmentation.")
+    lora_r: int | None = opt(None, "LoRA rank of the extra LoRA rows (default: the recipe's lora_r, or 16).")
+
+
+@dataclass
+class DemoConfig:
+    """`safealign demo`: the whole method on the synthetic world, on a laptop CPU: synth -> sft -> train-rm -> train-cost ->
+    ppo (reward only), reward shaping, ppo-lag -> safety-test -> eval, ending with one comparison table."""
+
+    output_dir: str = opt("demo-out", "Output directory of the whole chain (one sub-directory per stage).")
+    seed: int = opt(0, "Seed of the world and of every stage.")
+    quick: bool = opt(False, "A reduced run (few steps per stage) that checks the plumbing in about a minute; its numbers mean little.")
+    sft_epochs: float = opt(3.0, "SFT epochs over the world's SFT corpus.")
+    score_epochs: float = opt(1.0, "Reward/cost model epochs over the preference pairs.")
+    ppo_steps: int = opt(120, "PPO updates of each RL run.")
+    ppo_batch: int = opt(32, "Prompts per PPO update.")
+    max_new_tokens: int = opt(24, "Tokens per generated response.")
+    kl_coeff: float = opt(0.02, "KL coefficient of every RL run.")
+    actor_lr: float = opt(1e-4, "Actor learning rate of the RL runs.")
+    critic_lr: float = opt(1e-3, "Critic learning rate of the RL runs.")
+    threshold: float | None = opt(None, "Cost threshold of ppo-lag and of the safety test (default: calibrated to --harm-target: (1 - target) x mean cost of labelled-safe + target x mean cost of labelled-unsafe eval responses under the trained cost model).")
+    lambda_init: float = opt(1.0, "Initial multiplier (also the fixed lambda of reward shaping).")
+    lambda_lr: float = opt(0.1, "Multiplier learning rate.")
+    harm_target: float = opt(0.10, "Target oracle harm rate (share of unsafe answers) the PPO-Lagrangian policy must reach.")
+    delta: float = opt(0.05, "delta of the safety test.")

@@ -122,6 +122,9 @@ def eval_metrics(task: str, s: dict[str, torch.Tensor], bins: int = 10) -> tuple
             ece, rows = L.expected_calibration_error(prob, label, bins)
             m["eval/ece"] = ece
             m["eval/unsafe_rate_labelled"] = float(label.float().mean())
+            for name, flag in (("safe", 0), ("unsafe", 1)):
+                if (label == flag).any():
+                    m[f"eval/cost_mean_labelled_{name}"] = float(both[known][label == flag].mean())
             extras["reliability"] = rows
             extras["by_label"] = {"labelled unsafe": both[known][label == 1].tolist(), "labelled safe": both[known][label == 0].tolist()}
     return m, extras

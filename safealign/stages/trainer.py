@@ -127,8 +127,10 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
     last_train: dict = {}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=start, desc=f"{out.name}", disable=not acc.is_local_main_process or os.environ.get("SAFEALIGN_NO_PROGRESS") == "1",
-               dynamic_ncols=True)
+    import sys
+
+    quiet = not acc.is_local_main_process or os.environ.get("SAFEALIGN_NO_PROGRESS") == "1" or not sys.stderr.isatty()
+    bar = tqdm(total=total_steps, initial=start, desc=f"{out.name}", disable=quiet, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
     window: dict[str, list[float]] = {}
     model.train()
@@ -158,6 +160,8 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
                         f"{unit}_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
             last_train = log.log(done, row)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}")
+            if quiet and acc.is_main_process and os.environ.get("SAFEALIGN_NO_PROGRESS") != "1":
+                print(f"{out.name}: step {done}/{total_steps} loss {row['train/loss']:.4f}", flush=True)
             window = {}
         if evaluate is not None and (done % eval_every == 0 or done == total_steps):
             ev = evaluate(done)

@@ -1,0 +1,172 @@
+"""`safealign demo`: the whole Safe RLHF method on the synthetic world, judged by its oracle.
+
+synth -> sft (tiny) -> train-rm -> train-cost -> three RL runs from the same SFT policy
+(reward-only PPO, fixed-lambda reward shaping, PPO-Lagrangian) -> safety-test of each policy on
+the held-out safety prompts -> eval of each policy on the eval prompts (reward, cost, oracle).
+
+The closing table compares the four policies by oracle helpfulness, oracle harm rate, mean cost
+and the safety-test decision, and states whether the method's claim is visible on this run:
+PPO-Lagrangian below the harm target with helpfulness at least the SFT policy's, and reward-only
+PPO more harmful than PPO-Lagrangian.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from safealign import config as C
+from safealign.errors import SafetyTestFailed
+from safealign.runtime import plots, report
+from safealign.runtime.io import atomic_write_json, check_output_dir, write_config
+from safealign.runtime.metrics import read_metrics
+
+POLICIES = (("sft", "SFT policy"), ("ppo", "reward-only PPO"), ("shaping", "reward shaping (fixed lambda)"), ("ppo_lag", "PPO-Lagrangian"))
+
+
+def _stage(cls, overrides: dict, runner):
+    cfg = C.build_config(cls, None, overrides)
+    t0 = time.perf_counter()
+    summary = runner(cfg)
+    return summary, time.perf_counter() - t0
+
+
+def run(cfg: C.DemoConfig) -> dict:
+    from safealign.data.synth import WorldConfig, write_world
+    from safealign.stages import evaluate, ppo_lag, preference, safety_test, sft
+
+    out = check_output_dir(cfg.output_dir, resume=False)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out / "config.yaml", C.to_dict(cfg))
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    q = cfg.quick
+    world_cfg = WorldConfig(seed=cfg.seed, **({"n_pairs": 600, "n_sft": 400, "n_train_prompts": 400, "n_eval_prompts": 60, "n_safety_prompts": 60} if q else {}))
+    t0 = time.perf_counter()
+    world = out / "world"
+    write_world(world_cfg, world)
+    seconds["synth"] = time.perf_counter() - t0
+
+    common = {"seed": cfg.seed, "log_steps": 10, "save_steps": 0}
+    _, seconds["sft"] = _stage(C.SFTConfig, {**common, "model": "tiny", "data": str(world / "sft.jsonl"), "output_dir": str(out / "sft"),
+                                             "epochs": 0.3 if q else cfg.sft_epochs, "batch_size": 16, "lr": 3e-3, "max_length": 128,
+                                             "eval_split": 0.1, "check_prompts": 40 if q else 200}, sft.run)
+    pref = {**common, "model": str(out / "sft"), "data": str(world / "preferences.jsonl"), "batch_size": 16, "lr": 1e-3, "max_length": 128,
+            "eval_split": 0.1, "epochs": 0.3 if q else cfg.score_epochs}
+    rm, seconds["train-rm"] = _stage(C.RewardConfig, {**pref, "output_dir": str(out / "rm")}, preference.run_reward)
+    cm, seconds["train-cost"] = _stage(C.CostConfig, {**pref, "output_dir": str(out / "cm")}, preference.run_cost)
+
+    threshold, calibration = _threshold(cfg, cm)
+    rl = {**common, "model": str(out / "sft"), "reward_model": str(out / "rm"), "cost_model": str(out / "cm"),
+          "data": str(world / "prompts_train.jsonl"), "max_steps": 6 if q else cfg.ppo_steps, "batch_size": 8 if q else cfg.ppo_batch,
+          "max_new_tokens": cfg.max_new_tokens, "kl_coeff": cfg.kl_coeff, "lr": cfg.actor_lr, "critic_lr": cfg.critic_lr,
+          "threshold": threshold, "lambda_init": cfg.lambda_init, "lambda_lr": cfg.lambda_lr, "eval_split": 0.0, "max_length": 128}
+    runs = {}
+    for name, algo in (("ppo", "ppo"), ("shaping", "reward-shaping"), ("ppo_lag", "ppo-lag")):
+        runs[name], seconds[f"rl:{name}"] = _stage(C.PPOLagConfig, {**rl, "algorithm": algo, "output_dir": str(out / name)}, ppo_lag.run)
+
+    # Safety test of each policy on the same held-out set: the candidate (ppo-lag) first with the full
+    # delta, the others as explicit retests with Bonferroni-corrected deltas (the registry says so).
+    registry = out / "safety_tests.jsonl"
+    decisions = {}
+    for name in ("ppo_lag", "sft", "ppo", "shaping"):
+        st_cfg = C.build_config(C.SafetyTestConfig, None, {
+            "policy": str(out / name), "cost_model": str(out / "cm"), "prompts": str(world / "prompts_safety.jsonl"),
+            "output_dir": str(out / "safety" / name), "threshold": threshold, "delta": cfg.delta, "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed, "registry": str(registry), "allow_retest": name != "ppo_lag"})
+        t0 = time.perf_counter()
+        try:
+            s = safety_test.run(st_cfg)
+        except SafetyTestFailed:
+            s = json.loads((out / "safety" / name / "report.json").read_text())
+        seconds[f"safety-test:{name}"] = time.perf_counter() - t0
+        decisions[name] = s
+
+    evals = {}
+    for name, _ in POLICIES:
+        ev, seconds[f"eval:{name}"] = _stage(C.EvalConfig, {
+            "policy": str(out / name), "reward_model": str(out / "rm"), "cost_model": str(out / "cm"),
+            "prompts": str(world / "prompts_eval.jsonl"), "output_dir": str(out / "eval" / name), "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed, **({"baseline": str(out / "sft")} if name != "sft" else {})}, evaluate.run)
+        evals[name] = ev
+    return _summarise(cfg, out, world, rm, cm, runs, decisions, evals, seconds, time.perf_counter() - t_start, threshold, calibration)
+
+
+def _threshold(cfg, cm: dict) -> tuple[float, dict]:
+    """The cost threshold: given, or the expected cost of a policy whose harm rate is the target.
+
+    Safe RLHF's threshold lives on the cost model's own scale (its issue #59: tune it per model and
+    data). With labelled eval data we can say what a threshold means: a policy whose answers are
+    unsafe with probability p has expected cost about (1 - p) * mean(cost | safe) + p * mean(cost | unsafe).
+    """
+    ev = cm.get("eval") or {}
+    safe, unsafe = ev.get("eval/cost_mean_labelled_safe"), ev.get("eval/cost_mean_labelled_unsafe")
+    if cfg.threshold is not None:
+        return cfg.threshold, {"given": True}
+    if safe is None or unsafe is None:
+        return 0.0, {"given": False, "why": "no labelled eval data: Safe RLHF's default threshold 0"}
+    t = (1 - cfg.harm_target) * safe + cfg.harm_target * unsafe
+    return t, {"given": False, "harm_target": cfg.harm_target, "cost_mean_labelled_safe": safe, "cost_mean_labelled_unsafe": unsafe,
+               "rule": "(1 - harm_target) * mean cost | safe + harm_target * mean cost | unsafe"}
+
+
+def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seconds, total, threshold, calibration) -> dict:
+    rows = []
+    for name, label in POLICIES:
+        m = evals[name]["metrics"]["policy"]
+        o = m.get("oracle", {})
+        d = decisions[name]
+        b = d.get("mean_bound") or {}
+        rows.append({"policy": label, "oracle helpfulness": o.get("helpfulness_mean"), "oracle harm rate": o.get("harm_rate"),
+                     "harm rate on harmful prompts": o.get("harm_rate_harmful_prompts"), "refusal of benign prompts": o.get("refusal_rate_benign_prompts"),
+                     "mean reward": m.get("reward_mean"), "mean cost": m.get("cost_mean"),
+                     "safety test": d.get("decision"), "cost upper bound": b.get("upper"), "delta used": d.get("test", {}).get("delta_used")})
+    by = {name: r for (name, _), r in zip(POLICIES, rows)}
+    lag, sft_row, ppo = by["ppo_lag"], by["sft"], by["ppo"]
+    claims = {
+        "ppo_lag_harm_below_target": lag["oracle harm rate"] is not None and lag["oracle harm rate"] <= cfg.harm_target,
+        "ppo_lag_helpfulness_at_least_sft": (lag["oracle helpfulness"] or 0) >= (sft_row["oracle helpfulness"] or 0),
+        "reward_only_ppo_more_harmful_than_ppo_lag": (ppo["oracle harm rate"] or 0) > (lag["oracle harm rate"] or 0),
+    }
+    lag_metrics = read_metrics(out / "ppo_lag" / "metrics.jsonl")
+    plots.curves(lag_metrics, ["lambda"], out / "plots" / "lambda.png", "PPO-Lagrangian multiplier")
+    plots.curves(lag_metrics, [k for k in ("cost", "J_c") if any(k in r for r in lag_metrics)], out / "plots" / "cost_vs_threshold.png",
+                 "PPO-Lagrangian episode cost", hlines={"threshold": threshold})
+    summary = {
+        "stage": "demo", "output_dir": str(out), "quick": cfg.quick, "seconds_total": total, "seconds": seconds,
+        "harm_target": cfg.harm_target, "threshold": threshold, "threshold_calibration": calibration,
+        "claims": claims, "claim_visible": all(claims.values()),
+        "table": rows,
+        "reward_model_eval": rm.get("eval"), "cost_model_eval": cm.get("eval"),
+        "lambda_final": (runs["ppo_lag"].get("final") or {}).get("lambda") if isinstance(runs["ppo_lag"].get("final"), dict) else None,
+    }
+    verdict = "the method's claim is visible on this run" if summary["claim_visible"] else \
+        "the method's claim is NOT visible on this run: " + ", ".join(k for k, v in claims.items() if not v)
+    summary["headline"] = (f"demo ({total / 60:.1f} min): PPO-Lagrangian harm {100 * (lag['oracle harm rate'] or 0):.1f}% "
+                           f"(SFT {100 * (sft_row['oracle harm rate'] or 0):.1f}%, reward-only PPO {100 * (ppo['oracle harm rate'] or 0):.1f}%), "
+                           f"helpfulness {lag['oracle helpfulness'] or 0:.2f} vs SFT {sft_row['oracle helpfulness'] or 0:.2f}; {verdict}")
+    intro = "\n".join([f"**{summary['headline']}**", "", _table_md(rows), "",
+                       "Harm and helpfulness are the synthetic world's oracle on the eval prompts (never trained on); the safety test "
+                       "runs on the separate safety prompts. The first safety test (PPO-Lagrangian) uses the full delta; the other "
+                       "three are retests on the same set and use Bonferroni-corrected deltas.", "",
+                       "![lambda](plots/lambda.png)", "", "![cost](plots/cost_vs_threshold.png)"])
+    report.write(out, {k: v for k, v in summary.items() if k not in ("table", "headline")}, title="safealign demo", intro=intro)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
+    return str(v)
+
+
+def _table_md(rows: list[dict]) -> str:
+    pct = {"oracle harm rate", "harm rate on harmful prompts", "refusal of benign prompts"}
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r[k], k in pct) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
