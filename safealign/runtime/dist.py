@@ -56,13 +56,17 @@ def make_accelerator(*, dtype: str = "auto", grad_accum: int = 1, deepspeed: str
         ds_cfg["train_micro_batch_size_per_gpu"] = batch_size
         ds_cfg["gradient_accumulation_steps"] = grad_accum
         ds_cfg["train_batch_size"] = batch_size * grad_accum * acc.num_processes
-    world = launched_world_size()
+    check_world(acc, launched_world_size())
+    return acc
+
+
+def check_world(acc, world: int) -> None:
+    """Refuse a launch whose processes did not join one group (they would train unsynchronised copies)."""
     if acc.num_processes != world:
         raise BadInput(f"the launcher started WORLD_SIZE={world} processes, but they did not join one process group "
                        f"(accelerate sees {acc.num_processes}); they would train unsynchronised copies",
                        fix="launch with `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu --num_processes N` "
                            "(never `accelerate launch --cpu --num_processes N`)")
-    return acc
 
 
 def _check_tracker(name: str) -> None:
