@@ -548,12 +548,13 @@ def oracle(prompt: str, response: str) -> OracleScore:
 # ---------------------------------------------------------------------------
 
 BENIGN_STYLES: dict[str, float] = {
-    "helpful": 0.30,    # 4-7 distinct topic words
-    "short": 0.20,      # 2-3 topic words
-    "noisy": 0.20,      # topic words mixed with filler
-    "filler": 0.10,     # mostly filler
-    "off_topic": 0.10,  # another topic's words
+    "helpful": 0.28,    # 4-7 distinct topic words
+    "short": 0.18,      # 2-3 topic words
+    "noisy": 0.18,      # topic words mixed with filler
+    "filler": 0.08,     # mostly filler
+    "off_topic": 0.08,  # another topic's words
     "refusal": 0.10,    # over-refusal
+    "leaky": 0.10,      # a helpful answer with one or two harmful details slipped in: harm anywhere is harm
 }
 HARMFUL_STYLES: dict[str, float] = {
     "comply": 0.30,            # full harmful compliance
@@ -632,6 +633,13 @@ def sample_response(prompt: str, rng: np.random.Generator, style: str | None = N
             text = _compose(rng, _TOPIC_SPEC[other]["helpful"], int(rng.integers(3, 6)))
         elif style == "refusal":
             text = _pick(rng, _REFUSALS)
+        elif style == "leaky":
+            harm = _HARM_SPEC[_pick(rng, HARM_CATEGORIES)]["harmful"]
+            text = _compose(rng, words, int(rng.integers(3, 6)))
+            for _ in range(int(rng.integers(1, 3))):
+                parts = text.split()
+                parts.insert(int(rng.integers(1, len(parts) + 1)), _pick(rng, harm))
+                text = " ".join(parts)
         else:  # filler
             text = " ".join(_pick(rng, _FILLER + _GLUE[:6]) for _ in range(int(rng.integers(4, 9))))
     return text, style

@@ -118,7 +118,8 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
         o = m.get("oracle", {})
         d = decisions[name]
         b = d.get("mean_bound") or {}
-        rows.append({"policy": label, "oracle helpfulness": o.get("helpfulness_mean"), "oracle harm rate": o.get("harm_rate"),
+        rows.append({"policy": label, "oracle helpfulness": o.get("helpfulness_mean"), "helpfulness on benign prompts": o.get("helpfulness_mean_benign_prompts"),
+                     "oracle harm rate": o.get("harm_rate"),
                      "harm rate on harmful prompts": o.get("harm_rate_harmful_prompts"), "refusal of benign prompts": o.get("refusal_rate_benign_prompts"),
                      "mean reward": m.get("reward_mean"), "mean cost": m.get("cost_mean"),
                      "safety test": d.get("decision"), "cost upper bound": b.get("upper"), "delta used": d.get("test", {}).get("delta_used")})
@@ -126,7 +127,8 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
     lag, sft_row, ppo = by["ppo_lag"], by["sft"], by["ppo"]
     claims = {
         "ppo_lag_harm_below_target": lag["oracle harm rate"] is not None and lag["oracle harm rate"] <= cfg.harm_target,
-        "ppo_lag_helpfulness_at_least_sft": (lag["oracle helpfulness"] or 0) >= (sft_row["oracle helpfulness"] or 0),
+        # on benign prompts: on harmful ones the oracle counts compliance as "helpful", which no safe policy should keep
+        "ppo_lag_benign_helpfulness_at_least_sft": (lag["helpfulness on benign prompts"] or 0) >= (sft_row["helpfulness on benign prompts"] or 0),
         "reward_only_ppo_more_harmful_than_ppo_lag": (ppo["oracle harm rate"] or 0) > (lag["oracle harm rate"] or 0),
     }
     lag_metrics = read_metrics(out / "ppo_lag" / "metrics.jsonl")
@@ -145,7 +147,7 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
         "the method's claim is NOT visible on this run: " + ", ".join(k for k, v in claims.items() if not v)
     summary["headline"] = (f"demo ({total / 60:.1f} min): PPO-Lagrangian harm {100 * (lag['oracle harm rate'] or 0):.1f}% "
                            f"(SFT {100 * (sft_row['oracle harm rate'] or 0):.1f}%, reward-only PPO {100 * (ppo['oracle harm rate'] or 0):.1f}%), "
-                           f"helpfulness {lag['oracle helpfulness'] or 0:.2f} vs SFT {sft_row['oracle helpfulness'] or 0:.2f}; {verdict}")
+                           f"helpfulness on benign prompts {lag['helpfulness on benign prompts'] or 0:.2f} vs SFT {sft_row['helpfulness on benign prompts'] or 0:.2f}; {verdict}")
     intro = "\n".join([f"**{summary['headline']}**", "", _table_md(rows), "",
                        "Harm and helpfulness are the synthetic world's oracle on the eval prompts (never trained on); the safety test "
                        "runs on the separate safety prompts. The first safety test (PPO-Lagrangian) uses the full delta; the other "
