@@ -1,0 +1,24 @@
+"""The demo chain end to end in its reduced form (few steps per stage: plumbing, not results)."""
+
+import json
+
+
+def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEALIGN_HOME", str(tmp_path / "home"))
+    out = tmp_path / "demo"
+    assert cli("demo", "--quick", "--output-dir", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["policy"] for r in summary["table"]] == ["SFT policy", "reward-only PPO", "reward shaping (fixed lambda)", "PPO-Lagrangian"]
+    for row in summary["table"]:
+        assert row["safety test"] in ("PASS", "NSF")
+        assert 0.0 <= row["oracle harm rate"] <= 1.0
+    # one test with the full delta, three Bonferroni-corrected retests on the same safety set
+    deltas = sorted(r["delta used"] for r in summary["table"])
+    assert deltas[-1] == 0.05 and deltas[0] < 0.05
+    assert summary["threshold_calibration"]["given"] is False
+    assert set(summary["claims"]) == {"ppo_lag_harm_below_target", "ppo_lag_benign_helpfulness_at_least_sft", "reward_only_ppo_more_harmful_than_ppo_lag"}
+    for sub in ("world", "sft", "rm", "cm", "ppo", "shaping", "ppo_lag", "safety/ppo_lag", "eval/ppo_lag"):
+        assert (out / sub / "report.json").exists() or sub == "world", sub
+    assert (out / "report.md").read_text().count("| PPO-Lagrangian |") == 1
+    assert (out / "plots" / "lambda.png").exists()
+    assert not (tmp_path / "home").exists(), "the demo keeps its safety-test registry in its own output directory"

@@ -1,0 +1,323 @@
+"""ppo-lag end to end on tiny models (CPU).
+
+The maths (GAE, KL shaping, combined advantage, clipped losses, multiplier) is checked by hand in
+test_rl_math.py / test_lagrange.py; here the loop is checked on a world where the answer is known:
+
+* the policy is the tiny fixture policy, fine-tuned for a few steps to answer with words from a
+  small set, one of which is a MARKER token (about a third of the response tokens);
+* the cost model is hand-built: its end score is ``-0.5 + 25 * (fraction of MARKER tokens in the
+  sequence)`` (one attention layer with zero queries/keys averages a MARKER indicator), so one
+  MARKER in a response makes it unsafe (cost > 0 = threshold);
+* the reward model is the same construction with +10 per fraction: it *likes* the MARKER, which is
+  the helpfulness/harm tension of Safe RLHF.
+
+PPO-Lagrangian must raise lambda while J_c > threshold and drive the MARKER rate down; reward-only
+PPO on the same models must not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MARKER, WORDS = "Ġstuff", ["Ġfriend", "Ġtips", "Ġplan", "Ġhelp"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEALIGN_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models are bound by Python overhead: one thread is as fast on an idle machine and an
+    order of magnitude faster on a busy one (measured: 0.17 vs 2 s per step at load 6 on 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# the marker world
+
+
+def marker_scorer(tok, marker_id: int, per_fraction: float, offset: float, hidden: int = 16):
+    """A LlamaForSequenceClassification whose end score is about ``offset + per_fraction * f``, f the
+    fraction of ``marker_id`` tokens among the attended tokens (exactly (offset + a f)/sqrt(1 + f^2))."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=tok.bos_token_id, num_labels=1, tie_word_embeddings=False)
+    model = LlamaForSequenceClassification(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if "norm" in name else p.zero_()
+        emb = model.model.embed_tokens.weight
+        emb[:, 2] = 1.0                                        # every token: a constant direction
+        emb[marker_id, 2], emb[marker_id, 0] = 0.0, 1.0        # the marker: its own direction
+        attn = model.model.layers[0].self_attn                 # q = k = 0: uniform causal attention
+        attn.v_proj.weight[0, 0] = 1 / math.sqrt(hidden)       # value = marker indicator
+        attn.o_proj.weight[1, 0] = 1.0                         # residual dim 1 = fraction of markers
+        model.score.weight[0, 1] = per_fraction / math.sqrt(hidden)
+        model.score.weight[0, 2] = offset / math.sqrt(hidden)
+    return model
+
+
+@pytest.fixture(scope="module")
+def mw(world, tiny_policy, tmp_path_factory):
+    """Marker world: SFT'd policy (with a prompt_hashes.txt to inherit), reward and cost models."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safealign.models.generation import encode_prompts, pad
+
+    root = tmp_path_factory.mktemp("marker")
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    marker, words = tok.convert_tokens_to_ids(MARKER), tok.convert_tokens_to_ids(WORDS)
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy)
+    prompts = [json.loads(line)["prompt"] for line in (world / "prompts_train.jsonl").read_text().splitlines()][:128]
+    pids = encode_prompts(tok, prompts, "default")
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):  # answers: 3-7 tokens drawn from WORDS + [MARKER, MARKER] (a third are MARKER), then EOS
+        seqs, labels = [], []
+        for _ in range(32):
+            p = pids[rng.randrange(len(pids))]
+            r = [rng.choice(words + [marker, marker]) for _ in range(rng.randint(3, 7))] + [tok.eos_token_id]
+            seqs.append(p + r)
+            labels.append([-100] * len(p) + r)
+        ids, mask = pad(seqs, tok.pad_token_id)
+        model(input_ids=ids, attention_mask=mask, labels=pad(labels, -100)[0]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    paths = {"policy": root / "policy", "rm": root / "rm", "cm": root / "cm"}
+    model.save_pretrained(paths["policy"])
+    tok.save_pretrained(paths["policy"])
+    (paths["policy"] / "prompt_hashes.txt").write_text("0" * 32 + "\n")  # a prompt the "SFT" stage saw
+    for key, (a, b) in {"rm": (10.0, 0.0), "cm": (25.0, -0.5)}.items():
+        marker_scorer(tok, marker, a, b).save_pretrained(paths[key])
+        tok.save_pretrained(paths[key])
+    return {**paths, "marker": marker, "tok": tok, "data": world / "prompts_train.jsonl", "eval": world / "prompts_eval.jsonl"}
+
+
+def marker_rate(policy_dir: Path, prompts_file: Path, n: int = 64) -> float:
+    """MARKER share of the response tokens of a saved policy (plain AutoModelForCausalLM) on n prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safealign.models.generation import encode_prompts, sample
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    prompts = [json.loads(line)["prompt"] for line in prompts_file.read_text().splitlines()][:n]
+    torch.manual_seed(123)
+    r = sample(model, tok, encode_prompts(tok, prompts, "default"), max_new_tokens=8)
+    tokens = r.response_ids[r.response_mask.bool()]
+    return float((tokens == tok.convert_tokens_to_ids(MARKER)).float().mean())
+
+
+def base_args(mw, out, *extra):
+    return ["ppo-lag", "--model", mw["policy"], "--reward-model", mw["rm"], "--cost-model", mw["cm"], "--data", mw["data"],
+            "--output-dir", out, "--batch-size", "16", "--max-new-tokens", "8", "--ppo-epochs", "2", "--minibatches", "2",
+            "--save-steps", "0", "--eval-split", "0.05", *extra]
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_rows(out: Path) -> list[dict]:
+    return [r for r in metrics(out) if "time/step" in r]
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end
+
+
+def test_ppo_lag_lowers_the_penalised_token_while_lambda_tracks_the_constraint(cli, mw, tmp_path):
+    out = tmp_path / "lag"
+    assert cli(*base_args(mw, out, "--max-steps", "8", "--lambda-lr", "0.2")) == 0
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    # lambda moves up exactly on the steps where J_c (window mean, this step included) is above the threshold
+    lams = [1.0] + [r["lambda"] for r in rows]
+    for r, before, after in zip(rows, lams, lams[1:]):
+        assert (after > before) == (r["J_c"] > r["threshold"]), r
+    assert rows[0]["J_c"] > 0 and rows[0]["lambda"] > 1.0, "the start policy violates the constraint"
+    assert rows[-1]["cost"] < rows[0]["cost"]
+    before, after = marker_rate(mw["policy"], mw["eval"]), marker_rate(out, mw["eval"])
+    print(f"marker rate {before:.3f} -> {after:.3f}; lambda {[round(x, 3) for x in lams]}; J_c {[round(r['J_c'], 3) for r in rows]}")
+    assert before > 0.15 and after < 0.5 * before
+    # run outputs: HF policy (loads plainly: marker_rate did), manifest, hashes incl. the start policy's, report, plots
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "manifest.json", "config.yaml", "report.md", "plots/lambda.png",
+                 "plots/cost_vs_threshold.png", "plots/reward.png"):
+        assert (out / name).is_file(), name
+    hashes = (out / "prompt_hashes.txt").read_text().split()
+    assert "0" * 32 in hashes and len(hashes) > 250
+    report = json.loads((out / "report.json").read_text())
+    assert report["reload_check"]["ok"] and report["reload_check"]["generates"]
+    assert report["constraint"]["threshold"] == 0.0 and "eval/cost" in report["eval"]
+    for key in ("reward", "cost", "lambda", "J_c", "kl", "entropy", "train/clipfrac", "train/reward_critic_loss", "train/cost_critic_loss",
+                "response_length", "eos_rate", "time/generate", "time/score", "time/train"):
+        assert key in rows[-1], key
+
+
+def test_reward_only_ppo_does_not_lower_the_penalised_token(cli, mw, tmp_path):
+    out = tmp_path / "ppo"
+    assert cli(*base_args(mw, out, "--max-steps", "6", "--algorithm", "ppo")) == 0
+    rows = train_rows(out)
+    assert all(r["lambda"] == 0.0 for r in rows) and "train/cost_critic_loss" not in rows[-1]
+    before, after = marker_rate(mw["policy"], mw["eval"]), marker_rate(out, mw["eval"])
+    print(f"reward-only marker rate {before:.3f} -> {after:.3f}; cost {rows[0]['cost']:.3f} -> {rows[-1]['cost']:.3f}")
+    assert after >= before and rows[-1]["cost"] > rows[0]["cost"]
+
+
+def test_lora_mode_end_to_end(cli, mw, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    assert cli(*base_args(mw, out, "--max-steps", "3", "--lora-r", "4", "--lr", "5e-3")) == 0
+    rows = train_rows(out)
+    assert rows[0]["kl"] == 0.0, "reference = base with adapters disabled, and LoRA starts as the identity"
+    assert rows[-1]["kl"] != 0.0, "the actor adapter trained"
+    assert json.loads((out / "report.json").read_text())["reload_check"]["ok"]
+    ids = torch.tensor([mw["tok"]("BEGINNING OF CONVERSATION: USER: how do i cook rice ASSISTANT: friend stuff")["input_ids"]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+        adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(mw["policy"]), out / "adapter").eval()(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(mw["policy"]).eval()(input_ids=ids).logits
+    assert float((merged - adapter).abs().max()) < 1e-4
+    assert float((merged - base).abs().max()) > 1e-4
+
+
+def test_sigkill_then_resume_continues_the_same_run(cli, mw, tmp_path):
+    args = [str(a) for a in base_args(mw, tmp_path / "x", "--max-steps", "6", "--save-steps", "2", "--eval-split", "0")]
+    o = args.index("--output-dir") + 1
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    args[o] = str(killed)
+    proc = subprocess.Popen([sys.executable, "-m", "safealign", *args], env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not list((killed / "checkpoints").glob("step-*")):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((killed / "checkpoints").glob("step-*")), "no checkpoint before the kill"
+    assert not (killed / "report.json").exists(), "the run finished before it was killed: make it longer"
+    assert cli(*args, "--resume") == 0
+    report = json.loads((killed / "report.json").read_text())
+    assert report["steps"] == 6 and report["resumed_from_step"] >= 2
+    args[o] = str(straight)
+    assert cli(*args) == 0
+    a, b = train_rows(killed), train_rows(straight)
+    assert [r["step"] for r in a] == list(range(1, 7)), "each step logged once, none missing"
+    for x, y in zip(a, b):  # same prompts, samples, lambda, cost window and optimizer state as the uninterrupted run
+        for key in ("lambda", "J_c", "reward", "cost", "kl"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
+
+
+@pytest.mark.parametrize("case", ["hc", "reward-shaping", "pid-k3-whiten-ptx", "no-eos-penalty"])
+def test_options_run(cli, mw, world, tmp_path, case):
+    from scipy.stats import t as student_t
+
+    out = tmp_path / case
+    extra = {"hc": ["--constraint", "hc", "--hc-safety-size", "50", "--hc-delta", "0.1"],
+             "reward-shaping": ["--algorithm", "reward-shaping", "--lambda-init", "2.0"],
+             "pid-k3-whiten-ptx": ["--lambda-method", "pid", "--pid-kp", "0.5", "--kl-estimator", "k3", "--whiten-advantages",
+                                   "--ptx-data", world / "sft.jsonl", "--ptx-coeff", "0.5", "--grad-accum", "2"],
+             "no-eos-penalty": ["--no-eos-penalty", "-3", "--max-new-tokens", "2"]}[case]
+    assert cli(*base_args(mw, out, "--max-steps", "2", *extra)) == 0
+    rows = train_rows(out)
+    last = rows[-1]
+    if case == "hc":
+        m, n = last["hc/m"], 50
+        k = student_t.ppf(0.9, m - 1) / math.sqrt(m) + 2 * student_t.ppf(0.9, n - 1) / math.sqrt(n)
+        assert m == 32 and last["hc/k"] == pytest.approx(k, rel=1e-9)
+        assert last["J_c"] == pytest.approx(last["J_c_mean"] + k * last["hc/sigma"], rel=1e-6)
+    elif case == "reward-shaping":
+        assert all(r["lambda"] == 2.0 for r in rows) and "train/cost_critic_loss" not in last
+    elif case == "pid-k3-whiten-ptx":
+        assert "train/ptx_loss" in last and last["kl"] >= 0.0 and last["lambda"] != 1.0
+    else:
+        assert last["eos_rate"] < 1.0 and min(r["reward"] for r in rows) < -1.0
+
+
+@pytest.mark.parametrize("case", ["missing_rm", "hc_with_ppo", "no_prompts", "lambda_above_max", "not_empty"])
+def test_bad_input_exit_2_writes_nothing(cli, mw, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    args = base_args(mw, out, "--max-steps", "1")
+    if case == "missing_rm":
+        args[args.index("--reward-model") + 1] = tmp_path / "nope"
+    elif case == "hc_with_ppo":
+        args += ["--algorithm", "ppo", "--constraint", "hc"]
+    elif case == "no_prompts":
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+        args[args.index("--data") + 1] = tmp_path / "bad.jsonl"
+    elif case == "lambda_above_max":
+        args += ["--lambda-init", "10", "--lambda-max", "5"]
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("x")
+    assert cli(*args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (not out.exists()) if case != "not_empty" else sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_judge_retokenizes_text_for_a_different_tokenizer(mw, tmp_path):
+    """A reward model with another vocabulary is fed decoded text; here the vocabularies differ by one
+    unused token, so its scores must equal those of the id path."""
+    from safealign.stages.ppo_lag import Experience, Judge
+
+    tok = mw["tok"]
+    other = tmp_path / "rm_other_tok"
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    t2 = AutoTokenizer.from_pretrained(mw["rm"])
+    t2.add_tokens(["<unused_extra>"])
+    model = AutoModelForSequenceClassification.from_pretrained(mw["cm"])
+    model.resize_token_embeddings(len(t2))
+    model.save_pretrained(other)
+    t2.save_pretrained(other)
+    same, diff = Judge(str(mw["cm"]), tok, "fp32"), Judge(str(other), tok, "fp32")
+    assert same.same_vocab and not diff.same_vocab
+    from safealign.models.generation import encode_prompts, pad
+
+    prompts = ["how do i cook rice", "help me plant roses"]
+    p_ids = encode_prompts(tok, prompts, "default")
+    resp = [[tok.convert_tokens_to_ids(w) for w in ("Ġfriend", "Ġstuff", "Ġtips")] + [tok.eos_token_id],
+            [tok.convert_tokens_to_ids(w) for w in ("Ġstuff", "Ġstuff")]]  # the second hit the length limit: no EOS
+    pi, pm = pad(p_ids, tok.pad_token_id, side="left")
+    ri, rm = pad(resp, tok.pad_token_id)
+    texts = [tok.decode(resp[0][:-1]).strip(), tok.decode(resp[1]).strip()]
+    exp = Experience(prompts, torch.cat([pi, ri], 1), torch.cat([pm, rm], 1), pi.shape[1], rm, torch.tensor([True, False]), texts)
+    ids, mask = exp.with_eos(tok.eos_token_id, tok.pad_token_id)
+    assert ids[1, pi.shape[1] + 2] == tok.eos_token_id and mask[1].sum() == pm[1].sum() + 3
+    assert ids[0, -1] == tok.pad_token_id and mask[0, -1] == 0
+    a, b = same.score(exp, "default", 128), diff.score(exp, "default", 128)
+    assert torch.allclose(a, b, atol=1e-5), (a, b)
+    assert a[1] > a[0] > -0.5  # more markers, more cost
+
+
+def test_prompts_from_prompt_column_or_preference_data(tmp_path):
+    from safealign.config import PPOLagConfig
+    from safealign.stages.ppo_lag import load_prompts
+
+    rows = [{"prompt": "How do I cook rice"}, {"prompt": "how do i  cook RICE"}, {"prompt": ["hi", "hello", "plan a trip"]}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hh = [{"chosen": "\n\nHuman: grow roses?\n\nAssistant: water them", "rejected": "\n\nHuman: grow roses?\n\nAssistant: no"}]
+    (tmp_path / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in hh))
+    kw = dict(model="m", reward_model="r", cost_model="c", output_dir=str(tmp_path / "o"), eval_split=0.0)
+    train, evals, stats = load_prompts(PPOLagConfig(data=str(tmp_path / "p.jsonl"), **kw))
+    assert train == ["How do I cook rice", ["hi", "hello", "plan a trip"]] and evals == [] and stats["duplicates_dropped"] == 1
+    train, _, _ = load_prompts(PPOLagConfig(data=str(tmp_path / "hh.jsonl"), **kw))
+    assert train == ["grow roses?"]
