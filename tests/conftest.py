@@ -13,6 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SAFEALIGN_NO_PROGRESS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+try:  # tiny models on 2 shared cores run several times faster single-threaded (no oversubscription)
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
 SHARED = Path(os.environ.get("SAFEALIGN_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -104,3 +104,21 @@ def test_world_size_mismatch_is_refused():
 
     with pytest.raises(BadInput, match="did not join one process group"):
         dist.check_world(FakeAcc(), world=2)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "zero2"])
+def test_ppo_lag_two_processes_agree_on_lambda(world, tiny_policy, tiny_rm, tiny_cm, tmp_path, launcher):
+    out = tmp_path / "ppo"
+    if launcher == "torchrun":
+        head = [BIN / "torchrun", "--nproc_per_node", "2"]
+    else:
+        head = [BIN / "accelerate", "launch", "--config_file", REPO / "recipes" / "accelerate" / "zero2.yaml"]
+    run([*head, "-m", "safealign", "ppo-lag", "--model", tiny_policy, "--reward-model", tiny_rm, "--cost-model", tiny_cm,
+         "--data", world / "prompts_train.jsonl", "--output-dir", out, "--max-steps", "3", "--batch-size", "4", "--max-new-tokens", "8",
+         "--threshold", "-5", "--log-steps", "1"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert report["ranks_in_sync"] is True  # lambda and the actor's parameters are identical on both ranks
+    lam = [r["lambda"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lambda" in r]
+    assert len(lam) == 3 and lam[-1] > lam[0]  # costs above the threshold raise lambda on every rank alike
+    assert not list(out.glob("rank*")), "only rank 0 writes"
