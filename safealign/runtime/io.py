@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from safealign.errors import BadInput
@@ -67,6 +68,18 @@ def install_dir(tmp: Path, final: Path) -> None:
             shutil.rmtree(target)
         os.replace(entry, target)
     tmp.rmdir()
+
+
+@contextmanager
+def staged_model_dir(run_dir: Path, final: Path | None = None, tmp_name: str = ".tmp-model"):
+    """Yield a fresh, empty staging directory ``run_dir/tmp_name``; on success move its entries into
+    ``final`` (default ``run_dir``, see :func:`install_dir`). A crash leaves only the staging
+    directory, which the next save replaces: a reader never sees half a model in ``final``."""
+    tmp = Path(run_dir) / tmp_name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    install_dir(tmp, Path(final) if final is not None else Path(run_dir))
 
 
 def git_commit() -> str | None:

@@ -277,8 +277,8 @@ def _validate(cfg: CostConfig) -> None:
 
 def run(cfg: CostConfig) -> dict:
     from safealign.models.loading import load_score_model, load_tokenizer
-    from safealign.runtime.io import atomic_write_json, check_output_dir, manifest, write_config, write_prompt_hashes
-    from safealign.stages.trainer import default_lr, make_optimizer, make_scheduler, peak_memory_mb, total_steps_for, train_loop
+    from safealign.runtime.io import check_output_dir
+    from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, train_loop
 
     _validate(cfg)
     out = check_output_dir(cfg.output_dir, cfg.resume)
@@ -300,27 +300,16 @@ def run(cfg: CostConfig) -> dict:
             base.gradient_checkpointing_enable()
     net = CrowdNet(model, len(data.annotators), cfg, base)
 
-    from safealign.runtime.dist import finish, make_accelerator
+    from safealign.runtime.dist import finish
 
-    acc = make_accelerator(dtype=cfg.dtype, grad_accum=cfg.grad_accum, report_to=cfg.report_to, project_dir=str(out), batch_size=cfg.batch_size)
-    total = total_steps_for(cfg, len(train_ex), acc.num_processes)
-    lr = default_lr(cfg)
-    optimizer = make_optimizer(net, lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, total)
-    net, optimizer = acc.prepare(net, optimizer)
-    acc.register_for_checkpointing(scheduler)
+    prep = prepare_training(cfg, net, len(train_ex), out)  # no DeepSpeed: the heads are refit on gathered features
+    acc, net, optimizer, scheduler, total, lr = prep.acc, prep.model, prep.optimizer, prep.scheduler, prep.total_steps, prep.lr
 
     # From here on the output directory is written.
     cfg_dict = to_dict(cfg)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_config(out / "config.yaml", cfg_dict)
-        write_prompt_hashes(out, [p.prompt for p in data.train + data.eval], inherit_from=[cfg.model if cfg.model != "tiny" else None])
-        atomic_write_json(out / "manifest.json", manifest("train-cost", seed=cfg.seed, data_fingerprint=fingerprint(data.train),
-                                                          extra={"crowd": True, "annotators": len(data.annotators), "train_pairs": len(train_ex),
-                                                                 "eval_pairs": len(eval_ex), "world_size": acc.num_processes}))
-    if cfg.report_to != "none":
-        acc.init_trackers("train-cost-crowd", config={k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool))})
+    open_run_dir(acc, cfg, out, "train-cost", cfg_dict=cfg_dict, prompts=[p.prompt for p in data.train + data.eval],
+                 inherit_from=[cfg.model if cfg.model != "tiny" else None], data_fingerprint=fingerprint(data.train),
+                 extra={"crowd": True, "annotators": len(data.annotators), "train_pairs": len(train_ex), "eval_pairs": len(eval_ex)})
     if acc.is_main_process and not saved_tok.is_dir():
         tok.save_pretrained(saved_tok)
 
@@ -542,31 +531,23 @@ def _oracle_metrics(keys: list[tuple[str, str]], costs: dict[str, np.ndarray]) -
 
 def _export(net: CrowdNet, tok, out: Path, an: dict, cfg: CostConfig) -> dict:
     """Save the cost model (score head = -s - q * unit) and the pooled baseline, atomically."""
-    import shutil
-
-    from safealign.runtime.io import install_dir
-
     model = net.model
     head = score_head(model)
     with torch.no_grad():
         head.weight.copy_(torch.tensor(an["w_score"], dtype=head.weight.dtype)[None, :])
     model.config.safealign_score_type = "cost"
     model.config.safealign_crowd = {"zero_quantile_of_training_costs": float(cfg.crowd_zero_quantile), "taste_axes_removed": int(an["dec"].n_axes)}
+    from safealign.runtime.io import staged_model_dir
+
     saved = {}
-    tmp = out / ".tmp-model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    install_dir(tmp, out)
+    with staged_model_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     saved["model"] = str(out)
     if net.baseline is not None:
-        tmp = out / ".tmp-baseline"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        net.baseline.model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        install_dir(tmp, out / "pooled_baseline")
+        with staged_model_dir(out, out / "pooled_baseline", ".tmp-baseline") as tmp:
+            net.baseline.model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
         saved["pooled_baseline"] = str(out / "pooled_baseline")
     return saved
 

@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -463,35 +462,26 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
 def save_policy(acc, learner, tok, out: Path, cfg: PPOLagConfig) -> dict:
     """The policy in HF format at the top of ``out`` (LoRA: the adapter under adapter/ and a merged
     copy), installed atomically (temp dir + rename). Collective: every process calls it."""
-    from safealign.runtime.io import install_dir
+    from safealign.stages.trainer import save_collectively, strip_prefix
 
-    acc.wait_for_everyone()
-    state = acc.get_state_dict(learner)  # gathers ZeRO-3 shards
-    saved: dict = {}
-    if acc.is_main_process:
-        tmp = out / ".tmp-policy"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    def write(tmp: Path, state: dict) -> dict:
         actor = acc.unwrap_model(learner).actor
-        inner = {k[len("actor."):]: v for k, v in state.items() if k.startswith("actor.")}
-        if cfg.lora_r:
-            from peft import PeftModel
-
-            from safealign.models.loading import load_causal_lm
-
-            actor.save_pretrained(tmp / "adapter", selected_adapters=[ACTOR], state_dict=inner)
-            with whole_models(acc):
-                base = load_causal_lm(cfg.model, tok, dtype="fp32")
-            merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-            saved["adapter"] = str(out / "adapter")
-        else:
+        inner = strip_prefix(state, "actor.")
+        if not cfg.lora_r:
             actor.save_pretrained(tmp, state_dict=inner, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        install_dir(tmp, out)
-        saved["model"] = str(out)
-    acc.wait_for_everyone()
-    return saved
+            return {}
+        from peft import PeftModel
+
+        from safealign.models.loading import load_causal_lm
+
+        actor.save_pretrained(tmp / "adapter", selected_adapters=[ACTOR], state_dict=inner)
+        with whole_models(acc):
+            base = load_causal_lm(cfg.model, tok, dtype="fp32")
+        merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        return {"adapter": str(out / "adapter")}
+
+    return save_collectively(acc, learner, tok, out, write, tmp_name=".tmp-policy")
 
 
 @torch.no_grad()
@@ -528,9 +518,9 @@ def run(cfg: PPOLagConfig) -> dict:
     from safealign.models.loading import load_tokenizer
     from safealign.runtime import checkpoint as ckpt
     from safealign.runtime.dist import finish, make_accelerator
-    from safealign.runtime.io import atomic_write_json, check_output_dir, manifest, write_config, write_prompt_hashes
+    from safealign.runtime.io import check_output_dir
     from safealign.runtime.metrics import MetricsLog
-    from safealign.stages.trainer import DataOrder, check_resume_compatible, make_scheduler, peak_memory_mb
+    from safealign.stages.trainer import DataOrder, check_resume_compatible, make_scheduler, open_run_dir, peak_memory_mb
 
     # ---- validate every input before anything is written -------------------------------
     cfg.validate()
@@ -588,17 +578,10 @@ def run(cfg: PPOLagConfig) -> dict:
     synced = zero3 and world > 1
 
     # ---- from here on the output directory is written ----------------------------------------
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_partial(out)
-        write_config(out / "config.yaml", cfg_dict)
-        write_prompt_hashes(out, train_prompts + eval_prompts,
-                            inherit_from=[cfg.model, cfg.reward_model, cfg.cost_model, cfg.reward_critic, cfg.cost_critic])
-        atomic_write_json(out / "manifest.json", manifest("ppo-lag", seed=cfg.seed, data_fingerprint=prompts_fingerprint(train_prompts),
-                                                          extra={"train_prompts": n_prompts, "eval_prompts": len(eval_ids),
-                                                                 "world_size": world, "roles": role_notes}))
-    if cfg.report_to != "none":
-        acc.init_trackers("ppo-lag", config={k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool))})
+    open_run_dir(acc, cfg, out, "ppo-lag", cfg_dict=cfg_dict, prompts=train_prompts + eval_prompts,
+                 inherit_from=[cfg.model, cfg.reward_model, cfg.cost_model, cfg.reward_critic, cfg.cost_critic],
+                 data_fingerprint=prompts_fingerprint(train_prompts),
+                 extra={"train_prompts": n_prompts, "eval_prompts": len(eval_ids), "roles": role_notes})
     log = MetricsLog(out / "metrics.jsonl", acc)
     start = 0
     if cfg.resume:

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from safealign.models.generation import pad
 from safealign.models.loading import apply_lora, load_score_model, load_tokenizer
 from safealign.models.score import TokenScorer
 from safealign.runtime import plots, report
-from safealign.runtime.io import atomic_write_json, check_output_dir, manifest, write_config, write_prompt_hashes
-from safealign.stages.trainer import default_lr, make_optimizer, make_scheduler, peak_memory_mb, total_steps_for, train_loop
+from safealign.runtime.io import check_output_dir
+from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, save_collectively, strip_prefix, train_loop
 
 
 def load_pairs(cfg: PreferenceConfig, task: str):
@@ -150,28 +149,16 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    from safealign.runtime.dist import finish, make_accelerator
+    from safealign.runtime.dist import finish
 
-    acc = make_accelerator(dtype=cfg.dtype, grad_accum=cfg.grad_accum, deepspeed=cfg.deepspeed, report_to=cfg.report_to,
-                           project_dir=str(out), batch_size=cfg.batch_size)
-    total = total_steps_for(cfg, len(train_ex), acc.num_processes)
-    lr = default_lr(cfg)
-    scorer = TokenScorer(model)
-    optimizer = make_optimizer(scorer, lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, total)
-    scorer, optimizer = acc.prepare(scorer, optimizer)
-    acc.register_for_checkpointing(scheduler)
+    prep = prepare_training(cfg, TokenScorer(model), len(train_ex), out, deepspeed=cfg.deepspeed)
+    acc, scorer, optimizer, scheduler, total, lr = prep.acc, prep.model, prep.optimizer, prep.scheduler, prep.total_steps, prep.lr
 
     # From here on the output directory is written.
     cfg_dict = to_dict(cfg)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_config(out / "config.yaml", cfg_dict)
-        write_prompt_hashes(out, [p.prompt for p in train_pairs + eval_pairs], inherit_from=[cfg.model if cfg.model != "tiny" else None])
-        atomic_write_json(out / "manifest.json", manifest(stage, seed=cfg.seed, data_fingerprint=fingerprint(train_pairs),
-                                                          extra={"train_pairs": len(train_ex), "eval_pairs": len(eval_ex), "world_size": acc.num_processes}))
-    if cfg.report_to != "none":
-        acc.init_trackers(stage, config={k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool))})
+    open_run_dir(acc, cfg, out, stage, cfg_dict=cfg_dict, prompts=[p.prompt for p in train_pairs + eval_pairs],
+                 inherit_from=[cfg.model if cfg.model != "tiny" else None], data_fingerprint=fingerprint(train_pairs),
+                 extra={"train_pairs": len(train_ex), "eval_pairs": len(eval_ex)})
     bins = getattr(cfg, "calibration_bins", 10)
     last_extras: dict = {}
 
@@ -212,31 +199,18 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
 
 def _save_score_model(acc, scorer, tok, out: Path, cfg) -> dict:
     """Save the HF model (merged when LoRA; the adapter under adapter/) + tokenizer, atomically."""
-    from safealign.runtime.io import install_dir
 
-    acc.wait_for_everyone()
-    state = acc.get_state_dict(scorer)  # gathers ZeRO-3 shards
-    saved = {}
-    if acc.is_main_process:
-        tmp = out / ".tmp-model"
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    def write(tmp: Path, state: dict) -> dict:
         model = acc.unwrap_model(scorer).model
         if cfg.lora_r:
             model.save_pretrained(tmp / "adapter")
             merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
             merged.save_pretrained(tmp, safe_serialization=True)
-            saved["adapter"] = str(out / "adapter")
-        else:
-            inner = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-            model.save_pretrained(tmp, state_dict=inner, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        install_dir(tmp, out)
-        saved["model"] = str(out)
-    acc.wait_for_everyone()
-    return saved
+            return {"adapter": str(out / "adapter")}
+        model.save_pretrained(tmp, state_dict=strip_prefix(state, "model."), safe_serialization=True)
+        return {}
+
+    return save_collectively(acc, scorer, tok, out, write)
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from safealign.data.templates import format_prompt, format_response
 from safealign.errors import BadInput
 from safealign.models.generation import pad
 from safealign.runtime import plots, report
-from safealign.runtime.io import atomic_write_json, check_output_dir, manifest, write_config, write_prompt_hashes
-from safealign.stages.trainer import default_lr, make_optimizer, make_scheduler, peak_memory_mb, total_steps_for, train_loop
+from safealign.runtime.io import check_output_dir
+from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, save_collectively, train_loop
 
 IGNORE = -100
 SFT_KEYS = ("prompt", "response")
@@ -226,30 +226,18 @@ def run(cfg: SFTConfig) -> dict:
         if cfg.lora_r:
             model.enable_input_require_grads()
 
-    from safealign.runtime.dist import finish, make_accelerator
+    from safealign.runtime.dist import finish
 
-    acc = make_accelerator(dtype=cfg.dtype, grad_accum=cfg.grad_accum, deepspeed=cfg.deepspeed, report_to=cfg.report_to,
-                           project_dir=str(out), batch_size=cfg.batch_size)
-    total = total_steps_for(cfg, len(train_ex), acc.num_processes)
-    lr = default_lr(cfg)
-    optimizer = make_optimizer(model, lr, cfg.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, total)
-    model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)
+    prep = prepare_training(cfg, model, len(train_ex), out, deepspeed=cfg.deepspeed)
+    acc, model, optimizer, scheduler, total, lr = prep.acc, prep.model, prep.optimizer, prep.scheduler, prep.total_steps, prep.lr
 
     # From here on the output directory is written.
     cfg_dict = to_dict(cfg)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_config(out / "config.yaml", cfg_dict)
-        write_prompt_hashes(out, [e.prompt for e in train_rows + eval_rows], inherit_from=[cfg.model if cfg.model != "tiny" else None])
-        atomic_write_json(out / "manifest.json", manifest("sft", seed=cfg.seed, data_fingerprint=fingerprint(train_rows),
-                                                          extra={"train_examples": len(train_ex), "eval_examples": len(eval_ex),
-                                                                 "world_size": acc.num_processes}))
-        if cfg.resume and ckpt.latest_checkpoint(out) is None:
-            MetricsLog(out / "metrics.jsonl").truncate_after(0)  # killed before its first checkpoint: start over cleanly
-    if cfg.report_to != "none":
-        acc.init_trackers("sft", config={k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool))})
+    open_run_dir(acc, cfg, out, "sft", cfg_dict=cfg_dict, prompts=[e.prompt for e in train_rows + eval_rows],
+                 inherit_from=[cfg.model if cfg.model != "tiny" else None], data_fingerprint=fingerprint(train_rows),
+                 extra={"train_examples": len(train_ex), "eval_examples": len(eval_ex)})
+    if acc.is_main_process and cfg.resume and ckpt.latest_checkpoint(out) is None:
+        MetricsLog(out / "metrics.jsonl").truncate_after(0)  # killed before its first checkpoint: start over cleanly
 
     def evaluate(step: int) -> dict:
         return lm_eval(acc, model, eval_ex, tok.pad_token_id, cfg.batch_size * 2)
@@ -325,36 +313,26 @@ def _save_policy(acc, model, tok, out: Path, cfg, resized: bool = False) -> tupl
     (the tokenizer is saved beside the adapter). Returns (paths, the in-memory model equal to the
     saved one, on the main process).
     """
-    import shutil
+    merged = None
 
-    from safealign.runtime.io import install_dir
-
-    acc.wait_for_everyone()
-    state = acc.get_state_dict(model)  # gathers ZeRO-3 shards
-    saved, merged = {}, None
-    if acc.is_main_process:
-        tmp = out / ".tmp-model"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    def write(tmp: Path, state: dict) -> dict:
+        nonlocal merged
         inner = acc.unwrap_model(model)
-        if cfg.lora_r:
-            inner.save_pretrained(tmp / "adapter", save_embedding_layers=resized)
-            tok.save_pretrained(tmp / "adapter")
-            merged = inner.merge_and_unload()
-            merged.save_pretrained(tmp, safe_serialization=True)
-            saved["adapter"] = str(out / "adapter")
-            saved["adapter_base"] = cfg.model
-            if resized:
-                saved["adapter_note"] = (f"the tokenizer gained tokens ({len(tok)} in all): load the adapter on the base after "
-                                         "base.resize_token_embeddings(len(tokenizer)), or use the merged model")
-        else:
+        if not cfg.lora_r:
             merged = inner
             inner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        install_dir(tmp, out)
-        saved["model"] = str(out)
-    acc.wait_for_everyone()
-    return saved, merged
+            return {}
+        inner.save_pretrained(tmp / "adapter", save_embedding_layers=resized)
+        tok.save_pretrained(tmp / "adapter")
+        merged = inner.merge_and_unload()
+        merged.save_pretrained(tmp, safe_serialization=True)
+        saved = {"adapter": str(out / "adapter"), "adapter_base": cfg.model}
+        if resized:
+            saved["adapter_note"] = (f"the tokenizer gained tokens ({len(tok)} in all): load the adapter on the base after "
+                                     "base.resize_token_embeddings(len(tokenizer)), or use the merged model")
+        return saved
+
+    return save_collectively(acc, model, tok, out, write), merged
 
 
 @torch.no_grad()

@@ -64,6 +64,74 @@ def total_steps_for(cfg, n_examples: int, world: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_examples / per_step))
 
 
+@dataclass
+class Prepared:
+    """What :func:`prepare_training` hands back: everything already wrapped by accelerate."""
+
+    acc: Any
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    total_steps: int
+    lr: float
+
+
+def prepare_training(cfg, model: torch.nn.Module, n_examples: int, out: Path, *, deepspeed: str | None = None) -> Prepared:
+    """The accelerator, AdamW and LR schedule of a supervised stage, prepared together (the schedule is
+    registered for checkpointing so ``--resume`` restores it)."""
+    from safealign.runtime.dist import make_accelerator
+
+    acc = make_accelerator(dtype=cfg.dtype, grad_accum=cfg.grad_accum, deepspeed=deepspeed, report_to=cfg.report_to,
+                           project_dir=str(out), batch_size=cfg.batch_size)
+    total = total_steps_for(cfg, n_examples, acc.num_processes)
+    lr = default_lr(cfg)
+    optimizer = make_optimizer(model, lr, cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, total)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+    return Prepared(acc, model, optimizer, scheduler, total, lr)
+
+
+def open_run_dir(acc, cfg, out: Path, stage: str, *, cfg_dict: dict, prompts: list[str], inherit_from: list, data_fingerprint: str | None,
+                 extra: dict) -> None:
+    """The first writes of a run (config.yaml, prompt_hashes.txt, manifest.json on the main process) and
+    the experiment trackers. Call it only once every input has been validated."""
+    from safealign.runtime.io import atomic_write_json, manifest, write_config, write_prompt_hashes
+
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(out)
+        write_config(out / "config.yaml", cfg_dict)
+        write_prompt_hashes(out, prompts, inherit_from=inherit_from)
+        atomic_write_json(out / "manifest.json", manifest(stage, seed=cfg.seed, data_fingerprint=data_fingerprint,
+                                                          extra={**extra, "world_size": acc.num_processes}))
+    if cfg.report_to != "none":
+        acc.init_trackers(stage, config={k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool))})
+
+
+def save_collectively(acc, module: torch.nn.Module, tok, out: Path, write: Callable[[Path, dict], dict], tmp_name: str = ".tmp-model") -> dict:
+    """Save a trained model into ``out`` atomically. Collective: every process calls it (under ZeRO-3
+    the state dict is gathered from all of them); ``write(tmp, state)`` runs on the main process only,
+    writes the model files into the staging directory and returns what it saved besides the model."""
+    from safealign.runtime.io import staged_model_dir
+
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(module)  # gathers ZeRO-3 shards
+    saved: dict = {}
+    if acc.is_main_process:
+        with staged_model_dir(out, tmp_name=tmp_name) as tmp:
+            saved.update(write(tmp, state) or {})
+            tok.save_pretrained(tmp)
+        saved["model"] = str(out)
+    acc.wait_for_everyone()
+    return saved
+
+
+def strip_prefix(state: dict, prefix: str) -> dict:
+    """The entries of a wrapper's state dict that belong to its ``prefix`` sub-module, renamed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 class DataOrder:
     """Example indices as a pure function of (seed, position): epoch e is a seeded permutation."""
 
