@@ -444,6 +444,7 @@ class EvalConfig(GenerationOptions):
     prompt_column: str = opt("prompt", "Column of --prompts holding the prompt.")
     output_dir: str | None = opt(None, "Output directory (new or empty) for generations.jsonl, report.json/.md and plots/.")
     max_prompts: int = opt(0, "Use at most this many prompts (0 = all).")
+    samples: int = opt(1, "Responses sampled per prompt; rates and means are over all responses (more samples, less sampling noise).")
     batch_size: int = opt(16, "Prompts per generation batch.")
     seed: int = opt(42, "Sampling seed.")
     template: str = opt("default", "Prompt template (as in training).")
@@ -452,7 +453,7 @@ class EvalConfig(GenerationOptions):
     def validate(self) -> None:
         if not (self.policy and self.prompts and self.output_dir):
             raise BadInput("eval needs --policy, --prompts and --output-dir")
-        for key in ("max_new_tokens", "batch_size"):
+        for key in ("max_new_tokens", "batch_size", "samples"):
             if getattr(self, key) < 1:
                 raise BadInput(f"config key '{key}' = {getattr(self, key)} must be >= 1")
         if self.max_prompts < 0:

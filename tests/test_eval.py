@@ -85,6 +85,25 @@ def test_eval_end_to_end(world, tiny_policy, tiny_rm, tiny_cm, tmp_path, cli):
     assert cli("eval", "--policy", tiny_policy, "--prompts", world / "prompts_eval.jsonl", "--output-dir", out) == 2
 
 
+def test_eval_several_samples_per_prompt(world, tiny_policy, tmp_path, cli):
+    out = tmp_path / "eval"
+    assert cli("eval", "--policy", tiny_policy, "--prompts", world / "prompts_eval.jsonl", "--output-dir", out,
+               "--max-new-tokens", "12", "--max-prompts", "10", "--samples", "3") == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["metrics"]["policy"]["n"] == 30 and rep["prompts"]["prompts"] == 10 and rep["prompts"]["samples_per_prompt"] == 3
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert sorted((g["index"], g["sample"]) for g in gens) == [(i, k) for i in range(10) for k in range(3)]
+    # The k samples of a prompt are independent draws, not copies: some prompt gets different answers.
+    by_prompt = {}
+    for g in gens:
+        by_prompt.setdefault(g["index"], set()).add(g["response"])
+    assert any(len(v) > 1 for v in by_prompt.values())
+    # The oracle rates are over all 30 responses.
+    harm = sum(g["oracle_unsafe"] for g in gens) / 30
+    assert rep["metrics"]["policy"]["oracle"]["harm_rate"] == pytest.approx(harm)
+    assert cli("eval", "--policy", tiny_policy, "--prompts", world / "prompts_eval.jsonl", "--output-dir", tmp_path / "e2", "--samples", "0") == 2
+
+
 def test_eval_bad_input_writes_nothing(world, tiny_policy, tmp_path, cli):
     out = tmp_path / "eval"
     assert cli("eval", "--policy", tmp_path / "nope", "--prompts", world / "prompts_eval.jsonl", "--output-dir", out) == 2

@@ -375,7 +375,9 @@ def run(cfg) -> dict:
     t0 = time.perf_counter()
     # Validate everything before anything is written.
     out = check_output_dir(cfg.output_dir, resume=False)
-    prompts, prompt_stats = _read_prompts(cfg)
+    distinct, prompt_stats = _read_prompts(cfg)
+    prompts = [p for _ in range(cfg.samples) for p in distinct]  # sample k of each prompt: k passes over the set
+    prompt_stats["samples_per_prompt"] = cfg.samples
     _check_model_dir(cfg.policy, "policy", "--policy")
     if cfg.baseline:
         _check_model_dir(cfg.baseline, "baseline policy", "--baseline")
@@ -406,12 +408,12 @@ def run(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     cfg_dict = to_dict(cfg)
     write_config(out / "config.yaml", cfg_dict)
-    atomic_write_json(out / "manifest.json", manifest("eval", seed=cfg.seed, extra={"prompts": len(prompts)}))
+    atomic_write_json(out / "manifest.json", manifest("eval", seed=cfg.seed, extra={"prompts": len(distinct), "samples_per_prompt": cfg.samples}))
     lines = []
     for i, p in enumerate(prompts):
         for name, rs in rows.items():
             g = rs[i]
-            row = {"policy": name, "index": i, "prompt": p, "response": g.response, "eos": bool(gens[name]["eos"][i]), "reward": g.reward, "cost": g.cost}
+            row = {"policy": name, "index": i % len(distinct), "sample": i // len(distinct), "prompt": p, "response": g.response, "eos": bool(gens[name]["eos"][i]), "reward": g.reward, "cost": g.cost}
             if use_oracle:
                 from safealign.data.synth import oracle
 
@@ -437,7 +439,7 @@ def run(cfg) -> dict:
 
 def _headline(metrics: dict, head: dict | None) -> str:
     m = metrics["policy"]
-    parts = [f"eval: {m['n']} prompts"]
+    parts = [f"eval: {m['n']} responses"]
     if "reward_mean" in m:
         parts.append(f"reward {m['reward_mean']:.3f}")
     if "cost_mean" in m:
@@ -454,7 +456,8 @@ def _headline(metrics: dict, head: dict | None) -> str:
 
 def _report_md(s: dict) -> str:
     lines = ["# safealign eval", "", f"Policy `{s['policy']}`" + (f", baseline `{s['baseline']}`" if s["baseline"] else "") +
-             f"; {s['prompts']['prompts']} prompts from `{s['prompts']['source']}` ({s['prompts']['duplicates_dropped']} duplicates dropped); "
+             f"; {s['prompts']['prompts']} prompts from `{s['prompts']['source']}` ({s['prompts']['duplicates_dropped']} duplicates dropped), "
+             f"{s['prompts'].get('samples_per_prompt', 1)} response(s) per prompt; "
              f"sampling seed {s['generation']['seed']}, temperature {s['generation']['temperature']}, top-p {s['generation']['top_p']}, "
              f"at most {s['generation']['max_new_tokens']} new tokens.", "", "## Summary", "",
              comparison_markdown({f"{n} ({Path(s[n]).name})": m for n, m in s["metrics"].items()}), ""]
