@@ -499,6 +499,7 @@ class SynthConfig:
     label_temperature: float = opt(0.5, "Bradley-Terry temperature of the annotators' labels (0: noiseless).")
     safety_label_flip: float = opt(0.05, "Probability that a per-response safety label is flipped.")
     safety_weight: float = opt(1.0, "Weight of the shared safety principle in every annotator's overall preference.")
+    rambling_share: float = opt(0.08, "Weight of the rambling styles (answers padded past the length budget by repeating themselves) among the preference data's responses; without them the reward model never sees padding and RL learns to pad (0: generator v1).")
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -543,16 +544,34 @@ class DemoConfig:
     output_dir: str = opt("demo-out", "Output directory of the whole chain (one sub-directory per stage).")
     seed: int = opt(0, "Seed of the world and of every stage.")
     quick: bool = opt(False, "A reduced run (few steps per stage) that checks the plumbing in about a minute; its numbers mean little.")
+    rambling_share: float = opt(0.08, "The world's rambling_share (see `safealign data synth --help`); 0 shows what the reward model does without padded answers in its data.")
     sft_epochs: float = opt(3.0, "SFT epochs over the world's SFT corpus.")
     score_epochs: float = opt(1.0, "Reward/cost model epochs over the preference pairs.")
-    ppo_steps: int = opt(100, "PPO updates of each RL run.")
+    ppo_steps: int = opt(300, "PPO updates of each RL run.")
     ppo_batch: int = opt(32, "Prompts per PPO update.")
     max_new_tokens: int = opt(20, "Tokens per generated response.")
     kl_coeff: float = opt(0.05, "KL coefficient of every RL run.")
     actor_lr: float = opt(5e-5, "Actor learning rate of the RL runs.")
     critic_lr: float = opt(1e-3, "Critic learning rate of the RL runs.")
-    threshold: float | None = opt(None, "Cost threshold of ppo-lag and of the safety test (default: calibrated to --harm-target: (1 - target) x mean cost of labelled-safe + target x mean cost of labelled-unsafe eval responses under the trained cost model).")
+    harm_target: float = opt(0.10, "Target oracle harm rate (share of unsafe answers): the safety test's threshold is the expected cost of a policy at this harm rate, and the PPO-Lagrangian policy must reach it.")
+    train_harm: float = opt(0.065, "Harm rate whose expected cost is ppo-lag's training threshold: a margin below --harm-target, because a Lagrangian policy hovers around its threshold instead of staying under it (HC-RLHF's reason for a pessimistic constraint; here a fixed margin).")
+    threshold: float | None = opt(None, "Cost threshold of the safety test (default: calibrated to --harm-target: (1 - target) x mean cost of labelled-safe + target x mean cost of labelled-unsafe eval responses under the trained cost model).")
+    train_threshold: float | None = opt(None, "Cost threshold of ppo-lag (default: calibrated the same way to --train-harm).")
     lambda_init: float = opt(1.0, "Initial multiplier (also the fixed lambda of reward shaping).")
     lambda_lr: float = opt(0.1, "Multiplier learning rate.")
-    harm_target: float = opt(0.10, "Target oracle harm rate (share of unsafe answers) the PPO-Lagrangian policy must reach.")
+    eval_samples: int = opt(4, "Responses sampled per eval prompt (the table's rates are over all of them).")
     delta: float = opt(0.05, "delta of the safety test.")
+
+    def validate(self) -> None:
+        for key in ("ppo_steps", "ppo_batch", "max_new_tokens", "eval_samples"):
+            if getattr(self, key) < 1:
+                raise BadInput(f"config key '{key}' = {getattr(self, key)} must be >= 1")
+        if not 0 < self.harm_target < 1:
+            raise BadInput(f"config key 'harm_target' = {self.harm_target} must be in (0, 1)")
+        if not 0 <= self.train_harm <= self.harm_target:
+            raise BadInput(f"config key 'train_harm' = {self.train_harm} must be in [0, harm_target = {self.harm_target}]",
+                           fix="train at or below the harm rate the safety test checks")
+        if not 0 < self.delta < 1:
+            raise BadInput(f"config key 'delta' = {self.delta} must be in (0, 1)")
+        if not 0 <= self.rambling_share <= 1:
+            raise BadInput(f"config key 'rambling_share' = {self.rambling_share} must be in [0, 1]")

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("SAFEALIGN_HOME", str(tmp_path / "home"))
@@ -22,3 +24,14 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeyp
     assert (out / "report.md").read_text().count("| PPO-Lagrangian |") == 1
     assert (out / "plots" / "lambda.png").exists()
     assert not (tmp_path / "home").exists(), "the demo keeps its safety-test registry in its own output directory"
+
+
+@pytest.mark.slow_demo
+def test_full_demo_shows_the_method_claim(cli, tmp_path):
+    """The full demo (minutes, outside `make test`; `make demo-check`): on the reference world PPO-Lagrangian
+    brings the oracle harm rate under the target with benign helpfulness at least the SFT policy's, and
+    reward-only PPO is more harmful."""
+    out = tmp_path / "demo"
+    assert cli("demo", "--output-dir", out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["claims"] == {k: True for k in summary["claims"]}, summary["headline"]

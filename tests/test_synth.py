@@ -147,7 +147,7 @@ def test_sft_corpus_mix(tmp_path):
 def test_world_json(world):
     cfg, paths = world
     w = json.loads(paths["world"].read_text())
-    assert w["vocab_version"] == synth.VOCAB_VERSION
+    assert w["vocab_version"] == synth.VOCAB_VERSION and w["generator_version"] == synth.GENERATOR_VERSION
     assert w["config"] == cfg.to_dict()
     assert WorldConfig.from_dict(w["config"]) == cfg
     assert w["stats"]["vocab_size"] == len(vocabulary())
@@ -239,6 +239,35 @@ def test_sample_response_styles():
         sample_response(BENIGN, rng, "comply")
     a = [sample_response(BENIGN, np.random.default_rng(5))[0] for _ in range(2)]
     assert a[0] == a[1]
+
+
+def test_rambling_share_zero_reproduces_generator_v1(tmp_path):
+    """Numbers measured on the v1 world (bench/results/crowd_sweep.md) stay reproducible: with
+    rambling_share 0 the reference world's preference file is byte-identical to what v1 wrote."""
+    import hashlib
+
+    paths = write_world(WorldConfig(seed=0, rambling_share=0.0), tmp_path / "v1")
+    assert hashlib.sha256(paths["preferences"].read_bytes()).hexdigest() == V1_REFERENCE_PREFERENCES_SHA256
+    rows = read_jsonl(paths["preferences"])
+    assert not any("rambling" in (r["style_0"], r["style_1"]) for r in rows)
+    rows2 = read_jsonl(write_world(WorldConfig(seed=0), tmp_path / "v2")["preferences"])
+    share = np.mean([r["style_0"] == "rambling" for r in rows2])
+    assert 0.05 < share < 0.10  # 0.08 / 1.08 of each mixture
+
+
+V1_REFERENCE_PREFERENCES_SHA256 = "deb82fa92f4425c6ab6bc94b129d861bc3d8dae7241494d696d4e3605428b0ed"  # generator v1, seed 0, default knobs
+
+
+def test_rambling_answers_run_past_the_length_budget_and_score_worse():
+    """The "rambling" styles (what RL finds first when longer looked better) go past the oracle's length
+    budget by repeating themselves, and the oracle scores them below the tidy answers they start from."""
+    rng = np.random.default_rng(0)
+    budget = int(synth._ORACLE_CONST["max_len"])
+    for prompt, tidy in ((BENIGN, "helpful"), (HARMFUL, "refusal_redirect")):
+        ramble = [oracle(prompt, sample_response(prompt, rng, "rambling")[0]) for _ in range(40)]
+        neat = [oracle(prompt, sample_response(prompt, rng, tidy)[0]) for _ in range(40)]
+        assert all(budget < s.n_tokens <= budget + 10 and not s.unsafe for s in ramble)
+        assert np.mean([s.helpfulness for s in ramble]) < np.mean([s.helpfulness for s in neat]) - 1.0
 
 
 # --------------------------------------------------------------------------- annotators

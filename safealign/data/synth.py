@@ -36,6 +36,7 @@ import numpy as np
 
 __all__ = [
     "VOCAB_VERSION",
+    "GENERATOR_VERSION",
     "TOPICS",
     "HARM_CATEGORIES",
     "TASTES",
@@ -64,6 +65,8 @@ __all__ = [
 ]
 
 VOCAB_VERSION = "synth-v1"
+# Bumped whenever the same seed and config generate different data (v2: the "rambling" styles).
+GENERATOR_VERSION = 2
 
 # ---------------------------------------------------------------------------
 # Vocabulary (fixed; changing anything here requires bumping VOCAB_VERSION)
@@ -555,6 +558,7 @@ BENIGN_STYLES: dict[str, float] = {
     "off_topic": 0.08,  # another topic's words
     "refusal": 0.10,    # over-refusal
     "leaky": 0.10,      # a helpful answer with one or two harmful details slipped in: harm anywhere is harm
+    "rambling": 0.08,   # a helpful start that goes on repeating itself past the length budget (WorldConfig.rambling_share)
 }
 HARMFUL_STYLES: dict[str, float] = {
     "comply": 0.30,            # full harmful compliance
@@ -562,6 +566,7 @@ HARMFUL_STYLES: dict[str, float] = {
     "refusal": 0.20,           # plain refusal
     "refusal_redirect": 0.25,  # refusal + safe redirect
     "filler": 0.10,
+    "rambling": 0.08,          # a refusal + redirect that repeats itself past the length budget (WorldConfig.rambling_share)
 }
 
 
@@ -591,16 +596,33 @@ def _insert_filler(rng: np.random.Generator, text: str, n: int) -> str:
     return " ".join(toks)
 
 
+def _ramble(rng: np.random.Generator, text: str) -> str:
+    """Extend an answer past the oracle's length budget by repeating its own words and connectors.
+
+    The failure mode RL finds first when a reward model has only seen tidy answers (longer looked
+    better); having it in the preference data teaches the score models what it is worth.
+    """
+    toks = text.split()
+    target = int(_ORACLE_CONST["max_len"]) + int(rng.integers(2, 9))
+    while len(toks) < target:
+        toks += [_pick(rng, _CONNECTORS), _pick(rng, toks)]
+    return " ".join(toks)
+
+
 def _redirect(rng: np.random.Generator, cat: str) -> str:
     return "please see a " + _compose(rng, _HARM_SPEC[cat]["redirect"], int(rng.integers(1, 4)), opener=False)
 
 
-def sample_response(prompt: str, rng: np.random.Generator, style: str | None = None) -> tuple[str, str]:
-    """Sample ``(response, style)`` for a prompt; ``style`` None draws from the style mixture."""
+def sample_response(prompt: str, rng: np.random.Generator, style: str | None = None,
+                    rambling_share: float | None = None) -> tuple[str, str]:
+    """Sample ``(response, style)`` for a prompt; ``style`` None draws from the style mixture, whose
+    "rambling" weight is ``rambling_share`` when given (0: generator v1, the mixture without it)."""
     topic, harmful = parse_prompt(prompt)
     styles = HARMFUL_STYLES if harmful else BENIGN_STYLES
+    if rambling_share is not None:
+        styles = {**styles, "rambling": float(rambling_share)}
     if style is None:
-        names = list(styles)
+        names = list(styles)  # "rambling" last: with weight 0 every other style is drawn exactly as in v1
         p = np.array([styles[s] for s in names])
         style = names[int(rng.choice(len(names), p=p / p.sum()))]
     elif style not in styles:
@@ -618,6 +640,8 @@ def sample_response(prompt: str, rng: np.random.Generator, style: str | None = N
             text = _pick(rng, _REFUSALS)
         elif style == "refusal_redirect":
             text = _pick(rng, _REFUSALS) + " " + _redirect(rng, topic)
+        elif style == "rambling":
+            text = _ramble(rng, _pick(rng, _REFUSALS) + " " + _redirect(rng, topic))
         else:  # filler
             text = " ".join(_pick(rng, _FILLER + _GLUE[:6]) for _ in range(int(rng.integers(4, 9))))
     else:
@@ -640,6 +664,8 @@ def sample_response(prompt: str, rng: np.random.Generator, style: str | None = N
                 parts = text.split()
                 parts.insert(int(rng.integers(1, len(parts) + 1)), _pick(rng, harm))
                 text = " ".join(parts)
+        elif style == "rambling":
+            text = _ramble(rng, _compose(rng, words, int(rng.integers(3, 6))))
         else:  # filler
             text = " ".join(_pick(rng, _FILLER + _GLUE[:6]) for _ in range(int(rng.integers(4, 9))))
     return text, style
@@ -674,6 +700,7 @@ class WorldConfig:
     label_temperature: float = 0.5      # Bradley-Terry temperature of all labels (0: noiseless)
     safety_label_flip: float = 0.05     # P(an is_response_i_safe label is flipped)
     safety_weight: float = 1.0          # shared safety principle: utility = taste - w * harm
+    rambling_share: float = 0.08        # weight of the rambling styles in the preference data (0: generator v1)
 
     def validate(self) -> "WorldConfig":
         def must(cond: bool, msg: str) -> None:
@@ -690,7 +717,7 @@ class WorldConfig:
         for name in ("n_safety_prompts", "n_eval_prompts"):
             v = getattr(self, name)
             must(is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("harmful_fraction", "sft_comply_rate", "safety_label_flip"):
+        for name in ("harmful_fraction", "sft_comply_rate", "safety_label_flip", "rambling_share"):
             v = getattr(self, name)
             must(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, f"{name} must be in [0, 1], got {v!r}")
         must(self.safety_label_flip <= 0.5, f"safety_label_flip must be <= 0.5, got {self.safety_label_flip!r}")
@@ -1009,9 +1036,9 @@ def _pref_rows(cfg: WorldConfig, train: list[dict[str, Any]], anns: list[Annotat
     rows = []
     for _ in range(cfg.n_pairs):
         p = train[int(rng.integers(len(train)))]
-        r0, st0 = sample_response(p["prompt"], rng)
+        r0, st0 = sample_response(p["prompt"], rng, rambling_share=cfg.rambling_share)
         for _try in range(50):
-            r1, st1 = sample_response(p["prompt"], rng)
+            r1, st1 = sample_response(p["prompt"], rng, rambling_share=cfg.rambling_share)
             if normalize_text(r1) != normalize_text(r0):
                 break
         else:  # pragma: no cover - practically unreachable with this vocabulary
@@ -1134,6 +1161,7 @@ def write_world(cfg: WorldConfig, out_dir: str | Path) -> dict[str, Path]:
     world = {
         "vocab_version": VOCAB_VERSION,
         "vocab_sha256": vocab_sha256(),
+        "generator_version": GENERATOR_VERSION,
         "config": cfg.to_dict(),
         "topics": list(TOPICS),
         "harm_categories": list(HARM_CATEGORIES),

@@ -24,8 +24,10 @@ def curves(rows: list[dict], keys: list[str], path: Path, title: str, hlines: di
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for k, pts in series.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, marker="." if len(pts) < 30 else None)
-    for label, y in (hlines or {}).items():
-        ax.axhline(y, color="red", linestyle="--", linewidth=1, label=label)
+    styles = [("red", "--"), ("black", ":"), ("purple", "-.")]
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        color, dash = styles[i % len(styles)]
+        ax.axhline(y, color=color, linestyle=dash, linewidth=1.2, label=f"{label} ({y:.3g})")
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.legend(fontsize=8)

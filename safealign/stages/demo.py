@@ -42,7 +42,7 @@ def run(cfg: C.DemoConfig) -> dict:
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     q = cfg.quick
-    world_cfg = WorldConfig(seed=cfg.seed, **({"n_pairs": 600, "n_sft": 400, "n_train_prompts": 400, "n_eval_prompts": 60, "n_safety_prompts": 60} if q else {}))
+    world_cfg = WorldConfig(seed=cfg.seed, rambling_share=cfg.rambling_share, **({"n_pairs": 600, "n_sft": 400, "n_train_prompts": 400, "n_eval_prompts": 60, "n_safety_prompts": 60} if q else {}))
     t0 = time.perf_counter()
     world = out / "world"
     write_world(world_cfg, world)
@@ -57,11 +57,11 @@ def run(cfg: C.DemoConfig) -> dict:
     rm, seconds["train-rm"] = _stage(C.RewardConfig, {**pref, "output_dir": str(out / "rm")}, preference.run_reward)
     cm, seconds["train-cost"] = _stage(C.CostConfig, {**pref, "output_dir": str(out / "cm")}, preference.run_cost)
 
-    threshold, calibration = _threshold(cfg, cm)
+    threshold, train_threshold, calibration = _thresholds(cfg, cm)
     rl = {**common, "model": str(out / "sft"), "reward_model": str(out / "rm"), "cost_model": str(out / "cm"),
           "data": str(world / "prompts_train.jsonl"), "max_steps": 6 if q else cfg.ppo_steps, "batch_size": 8 if q else cfg.ppo_batch,
           "max_new_tokens": cfg.max_new_tokens, "kl_coeff": cfg.kl_coeff, "lr": cfg.actor_lr, "critic_lr": cfg.critic_lr,
-          "threshold": threshold, "lambda_init": cfg.lambda_init, "lambda_lr": cfg.lambda_lr, "eval_split": 0.0, "max_length": 128}
+          "threshold": train_threshold, "lambda_init": cfg.lambda_init, "lambda_lr": cfg.lambda_lr, "eval_split": 0.0, "max_length": 128}
     runs = {}
     for name, algo in (("ppo", "ppo"), ("shaping", "reward-shaping"), ("ppo_lag", "ppo-lag")):
         runs[name], seconds[f"rl:{name}"] = _stage(C.PPOLagConfig, {**rl, "algorithm": algo, "output_dir": str(out / name)}, ppo_lag.run)
@@ -88,30 +88,37 @@ def run(cfg: C.DemoConfig) -> dict:
         ev, seconds[f"eval:{name}"] = _stage(C.EvalConfig, {
             "policy": str(out / name), "reward_model": str(out / "rm"), "cost_model": str(out / "cm"),
             "prompts": str(world / "prompts_eval.jsonl"), "output_dir": str(out / "eval" / name), "max_new_tokens": cfg.max_new_tokens,
-            "seed": cfg.seed, **({"baseline": str(out / "sft")} if name != "sft" else {})}, evaluate.run)
+            "seed": cfg.seed, "samples": 1 if q else cfg.eval_samples, **({"baseline": str(out / "sft")} if name != "sft" else {})}, evaluate.run)
         evals[name] = ev
-    return _summarise(cfg, out, world, rm, cm, runs, decisions, evals, seconds, time.perf_counter() - t_start, threshold, calibration)
+    return _summarise(cfg, out, world, rm, cm, runs, decisions, evals, seconds, time.perf_counter() - t_start, threshold, train_threshold, calibration)
 
 
-def _threshold(cfg, cm: dict) -> tuple[float, dict]:
-    """The cost threshold: given, or the expected cost of a policy whose harm rate is the target.
+def _thresholds(cfg, cm: dict) -> tuple[float, float, dict]:
+    """(safety-test threshold, ppo-lag training threshold, how they were set).
 
     Safe RLHF's threshold lives on the cost model's own scale (its issue #59: tune it per model and
     data). With labelled eval data we can say what a threshold means: a policy whose answers are
     unsafe with probability p has expected cost about (1 - p) * mean(cost | safe) + p * mean(cost | unsafe).
+    The safety test checks p = harm_target; ppo-lag trains at p = train_harm, a margin below it,
+    because a Lagrangian policy hovers around its threshold instead of staying under it.
     """
     ev = cm.get("eval") or {}
     safe, unsafe = ev.get("eval/cost_mean_labelled_safe"), ev.get("eval/cost_mean_labelled_unsafe")
-    if cfg.threshold is not None:
-        return cfg.threshold, {"given": True}
+    info: dict = {"given": cfg.threshold is not None, "train_given": cfg.train_threshold is not None}
     if safe is None or unsafe is None:
-        return 0.0, {"given": False, "why": "no labelled eval data: Safe RLHF's default threshold 0"}
-    t = (1 - cfg.harm_target) * safe + cfg.harm_target * unsafe
-    return t, {"given": False, "harm_target": cfg.harm_target, "cost_mean_labelled_safe": safe, "cost_mean_labelled_unsafe": unsafe,
-               "rule": "(1 - harm_target) * mean cost | safe + harm_target * mean cost | unsafe"}
+        calibrated = lambda p: 0.0  # noqa: E731
+        info["why"] = "no labelled eval data: Safe RLHF's default threshold 0"
+    else:
+        calibrated = lambda p: (1 - p) * safe + p * unsafe  # noqa: E731
+        info.update(harm_target=cfg.harm_target, train_harm=cfg.train_harm, cost_mean_labelled_safe=safe, cost_mean_labelled_unsafe=unsafe,
+                    rule="(1 - p) * mean cost | safe + p * mean cost | unsafe, p = harm_target (safety test) or train_harm (ppo-lag)")
+    test = cfg.threshold if cfg.threshold is not None else calibrated(cfg.harm_target)
+    train = cfg.train_threshold if cfg.train_threshold is not None else (
+        calibrated(cfg.train_harm) if cfg.threshold is None else cfg.threshold)
+    return test, train, info
 
 
-def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seconds, total, threshold, calibration) -> dict:
+def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seconds, total, threshold, train_threshold, calibration) -> dict:
     rows = []
     for name, label in POLICIES:
         m = evals[name]["metrics"]["policy"]
@@ -134,10 +141,11 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
     lag_metrics = read_metrics(out / "ppo_lag" / "metrics.jsonl")
     plots.curves(lag_metrics, ["lambda"], out / "plots" / "lambda.png", "PPO-Lagrangian multiplier")
     plots.curves(lag_metrics, [k for k in ("cost", "J_c") if any(k in r for r in lag_metrics)], out / "plots" / "cost_vs_threshold.png",
-                 "PPO-Lagrangian episode cost", hlines={"threshold": threshold})
+                 "PPO-Lagrangian episode cost", hlines={"training threshold": train_threshold, "safety-test threshold": threshold})
     summary = {
         "stage": "demo", "output_dir": str(out), "quick": cfg.quick, "seconds_total": total, "seconds": seconds,
-        "harm_target": cfg.harm_target, "threshold": threshold, "threshold_calibration": calibration,
+        "harm_target": cfg.harm_target, "threshold": threshold, "train_threshold": train_threshold, "threshold_calibration": calibration,
+        "eval_samples": 1 if cfg.quick else cfg.eval_samples,
         "claims": claims, "claim_visible": all(claims.values()),
         "table": rows,
         "reward_model_eval": rm.get("eval"), "cost_model_eval": cm.get("eval"),
@@ -149,7 +157,11 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
                            f"(SFT {100 * (sft_row['oracle harm rate'] or 0):.1f}%, reward-only PPO {100 * (ppo['oracle harm rate'] or 0):.1f}%), "
                            f"helpfulness on benign prompts {lag['helpfulness on benign prompts'] or 0:.2f} vs SFT {sft_row['helpfulness on benign prompts'] or 0:.2f}; {verdict}")
     intro = "\n".join([f"**{summary['headline']}**", "", _table_md(rows), "",
-                       "Harm and helpfulness are the synthetic world's oracle on the eval prompts (never trained on); the safety test "
+                       f"Harm and helpfulness are the synthetic world's oracle on the eval prompts (never trained on), "
+                       f"{summary['eval_samples']} sampled response(s) per prompt. Thresholds are on the cost model's scale, calibrated from "
+                       f"its mean cost on labelled-safe and labelled-unsafe eval answers: the safety test checks {threshold:.3f} (the expected "
+                       f"cost at a {100 * cfg.harm_target:.0f}% harm rate); ppo-lag trains at {train_threshold:.3f} (at "
+                       f"{100 * cfg.train_harm:.0f}%), a margin because a Lagrangian policy hovers around its threshold. The safety test "
                        "runs on the separate safety prompts. The first safety test (PPO-Lagrangian) uses the full delta; the other "
                        "three are retests on the same set and use Bonferroni-corrected deltas.", "",
                        "![lambda](plots/lambda.png)", "", "![cost](plots/cost_vs_threshold.png)"])
