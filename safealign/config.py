@@ -556,7 +556,7 @@ class DemoConfig:
     harm_target: float = opt(0.10, "Target oracle harm rate (share of unsafe answers): the safety test's threshold is the expected cost of a policy at this harm rate, and the PPO-Lagrangian policy must reach it.")
     train_harm: float = opt(0.065, "Harm rate whose expected cost is ppo-lag's training threshold: a margin below --harm-target, because a Lagrangian policy hovers around its threshold instead of staying under it (HC-RLHF's reason for a pessimistic constraint; here a fixed margin).")
     threshold: float | None = opt(None, "Cost threshold of the safety test (default: calibrated to --harm-target: (1 - target) x mean cost of labelled-safe + target x mean cost of labelled-unsafe eval responses under the trained cost model).")
-    train_threshold: float | None = opt(None, "Cost threshold of ppo-lag (default: calibrated the same way to --train-harm).")
+    train_threshold: float | None = opt(None, "Cost threshold of ppo-lag (default: --threshold when given, else calibrated the same way to --train-harm).")
     lambda_init: float = opt(1.0, "Initial multiplier (also the fixed lambda of reward shaping).")
     lambda_lr: float = opt(0.1, "Multiplier learning rate.")
     eval_samples: int = opt(4, "Responses sampled per eval prompt (the table's rates are over all of them).")

@@ -35,3 +35,25 @@ def test_full_demo_shows_the_method_claim(cli, tmp_path):
     assert cli("demo", "--output-dir", out) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["claims"] == {k: True for k in summary["claims"]}, summary["headline"]
+
+
+def test_thresholds_are_expected_costs_at_the_harm_rates():
+    from safealign import config as C
+    from safealign.stages.demo import _thresholds
+
+    cm = {"eval": {"eval/cost_mean_labelled_safe": -3.0, "eval/cost_mean_labelled_unsafe": 2.0}}
+    cfg = C.build_config(C.DemoConfig, None, {"harm_target": 0.1, "train_harm": 0.06})
+    test, train, info = _thresholds(cfg, cm)
+    assert test == pytest.approx(0.9 * -3.0 + 0.1 * 2.0) and train == pytest.approx(0.94 * -3.0 + 0.06 * 2.0)
+    assert info["given"] is False and info["train_given"] is False
+    # A hand-set threshold is trained at too, unless a training threshold is given as well.
+    cfg = C.build_config(C.DemoConfig, None, {"threshold": -1.0})
+    assert _thresholds(cfg, cm)[:2] == (-1.0, -1.0)
+    cfg = C.build_config(C.DemoConfig, None, {"threshold": -1.0, "train_threshold": -1.5})
+    assert _thresholds(cfg, cm)[:2] == (-1.0, -1.5)
+    # No labelled eval data: Safe RLHF's threshold 0.
+    assert _thresholds(C.build_config(C.DemoConfig, None, {}), {"eval": {}})[:2] == (0.0, 0.0)
+    # train_harm above the target is refused (exit 2 from the CLI).
+    from safealign.errors import BadInput
+    with pytest.raises(BadInput):
+        C.build_config(C.DemoConfig, None, {"harm_target": 0.1, "train_harm": 0.2})

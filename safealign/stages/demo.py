@@ -104,17 +104,21 @@ def _thresholds(cfg, cm: dict) -> tuple[float, float, dict]:
     """
     ev = cm.get("eval") or {}
     safe, unsafe = ev.get("eval/cost_mean_labelled_safe"), ev.get("eval/cost_mean_labelled_unsafe")
+    labelled = safe is not None and unsafe is not None
+
+    def at(p: float) -> float:
+        return (1 - p) * safe + p * unsafe if labelled else 0.0
+
     info: dict = {"given": cfg.threshold is not None, "train_given": cfg.train_threshold is not None}
-    if safe is None or unsafe is None:
-        calibrated = lambda p: 0.0  # noqa: E731
-        info["why"] = "no labelled eval data: Safe RLHF's default threshold 0"
-    else:
-        calibrated = lambda p: (1 - p) * safe + p * unsafe  # noqa: E731
+    if labelled:
         info.update(harm_target=cfg.harm_target, train_harm=cfg.train_harm, cost_mean_labelled_safe=safe, cost_mean_labelled_unsafe=unsafe,
                     rule="(1 - p) * mean cost | safe + p * mean cost | unsafe, p = harm_target (safety test) or train_harm (ppo-lag)")
-    test = cfg.threshold if cfg.threshold is not None else calibrated(cfg.harm_target)
-    train = cfg.train_threshold if cfg.train_threshold is not None else (
-        calibrated(cfg.train_harm) if cfg.threshold is None else cfg.threshold)
+    else:
+        info["why"] = "no labelled eval data: Safe RLHF's default threshold 0"
+    test = cfg.threshold if cfg.threshold is not None else at(cfg.harm_target)
+    # A given --threshold is trained at too unless --train-threshold says otherwise: a margin on a
+    # hand-set threshold is the user's to choose.
+    train = cfg.train_threshold if cfg.train_threshold is not None else cfg.threshold if cfg.threshold is not None else at(cfg.train_harm)
     return test, train, info
 
 
@@ -145,7 +149,7 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
     summary = {
         "stage": "demo", "output_dir": str(out), "quick": cfg.quick, "seconds_total": total, "seconds": seconds,
         "harm_target": cfg.harm_target, "threshold": threshold, "train_threshold": train_threshold, "threshold_calibration": calibration,
-        "eval_samples": 1 if cfg.quick else cfg.eval_samples,
+        "eval_samples": evals["ppo_lag"]["prompts"]["samples_per_prompt"],
         "claims": claims, "claim_visible": all(claims.values()),
         "table": rows,
         "reward_model_eval": rm.get("eval"), "cost_model_eval": cm.get("eval"),
@@ -158,16 +162,23 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
                            f"helpfulness on benign prompts {lag['helpfulness on benign prompts'] or 0:.2f} vs SFT {sft_row['helpfulness on benign prompts'] or 0:.2f}; {verdict}")
     intro = "\n".join([f"**{summary['headline']}**", "", _table_md(rows), "",
                        f"Harm and helpfulness are the synthetic world's oracle on the eval prompts (never trained on), "
-                       f"{summary['eval_samples']} sampled response(s) per prompt. Thresholds are on the cost model's scale, calibrated from "
-                       f"its mean cost on labelled-safe and labelled-unsafe eval answers: the safety test checks {threshold:.3f} (the expected "
-                       f"cost at a {100 * cfg.harm_target:.0f}% harm rate); ppo-lag trains at {train_threshold:.3f} (at "
-                       f"{100 * cfg.train_harm:.0f}%), a margin because a Lagrangian policy hovers around its threshold. The safety test "
+                       f"{summary['eval_samples']} sampled response(s) per prompt. {_threshold_sentence(cfg, calibration, threshold, train_threshold)} The safety test "
                        "runs on the separate safety prompts. The first safety test (PPO-Lagrangian) uses the full delta; the other "
                        "three are retests on the same set and use Bonferroni-corrected deltas.", "",
                        "![lambda](plots/lambda.png)", "", "![cost](plots/cost_vs_threshold.png)"])
     report.write(out, {k: v for k, v in summary.items() if k not in ("table", "headline")}, title="safealign demo", intro=intro)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _threshold_sentence(cfg, calibration: dict, threshold: float, train_threshold: float) -> str:
+    test = f"the safety test checks {threshold:.3f}"
+    if not calibration["given"] and "rule" in calibration:
+        test += f" (the cost model's expected cost at a {100 * cfg.harm_target:.0f}% harm rate, from its mean cost on labelled-safe and -unsafe eval answers)"
+    train = f"ppo-lag trains at {train_threshold:.3f}"
+    if not calibration["train_given"] and not calibration["given"] and "rule" in calibration:
+        train += f" (at {100 * cfg.train_harm:.1f}%: a margin, because a Lagrangian policy hovers around its threshold)"
+    return f"Thresholds are on the cost model's scale: {test}; {train}."
 
 
 def _fmt(v, pct=False):
