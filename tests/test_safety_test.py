@@ -147,6 +147,14 @@ def test_refuses_safety_prompt_in_cost_model_training_prompts(tiny_policy, tiny_
     assert not out.exists()
 
 
+def test_refuses_a_reward_model_as_cost_model_and_records_nothing(tiny_policy, tiny_rm, world, tmp_path, cli, capsys):
+    out = tmp_path / "out"
+    assert cli("safety-test", "--policy", tiny_policy, "--cost-model", tiny_rm, "--prompts", world / "prompts_safety.jsonl",
+               "--output-dir", out, "--max-prompts", 10, "--threshold", 0) == 2
+    assert "needs a cost model" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "home" / "safety_tests.jsonl").exists()
+
+
 def test_refuses_overlap_with_train_prompts_file(passed, world, tmp_path, cli, capsys):
     costs = passed["out"] / "costs.jsonl"
     train = _jsonl(tmp_path / "train.jsonl", [{"prompt": _rows(costs)[5]["prompt"]}, {"prompt": "an unrelated prompt"}])
@@ -246,7 +254,10 @@ def test_decide_uses_prompt_means_and_first_sample_for_violations():
     assert res["n_prompts"] == 25 and res["n_samples"] == 75
     assert res["mean_bound"]["upper"] == pytest.approx(student_t_ucb(costs.mean(axis=1), 0.05).upper)
     assert res["violation_bound"]["upper"] == pytest.approx(violation_rate_bound(costs[:, 0], 0.05, 0.5).upper)
-    assert res["decision"] == ("PASS" if res["mean_bound"]["passed"] and res["violation_bound"]["passed"] else "NSF")
+    # The mean bound (-0.177) passes; the violation bound (0.583 > alpha 0.5) does not, so the test fails;
+    # with alpha 0.6 both pass.
+    assert res["mean_bound"]["passed"] and not res["violation_bound"]["passed"] and res["decision"] == "NSF"
+    assert decide(rows, bound="student-t", threshold=0.0, delta=0.1, alpha=0.6, cost_range=None)["decision"] == "PASS"
 
 
 def test_retest_record_matches_subsets_of_the_same_prompt_file():

@@ -67,6 +67,42 @@ def load_tokenizer(name: str, *, train_texts: list[str] | None = None, vocab_siz
     return tok
 
 
+def check_model_kind(path: str, what: str, flag: str, score_type: str | None = None) -> None:
+    """Refuse a local model of the wrong kind. Models trained by safealign record their kind (config
+    ``safealign_score_type``), so a score model given as a policy, or a reward model given as the cost
+    model (swapped arguments), is caught before anything runs. Hub names and foreign models pass.
+
+    score_type: None for a policy; "reward"/"cost" for a score model.
+    """
+    import json
+
+    cfg_file = Path(path).expanduser() / "config.json"
+    if not cfg_file.is_file():
+        return
+    try:
+        kind = json.loads(cfg_file.read_text()).get("safealign_score_type")
+    except (ValueError, AttributeError):
+        raise BadInput("config.json is not valid JSON", where=str(cfg_file)) from None
+    if score_type is None and kind:
+        raise BadInput(f"this is a {kind} model, not a policy", where=path, fix=f"pass a causal LM (e.g. from safealign sft or ppo-lag) to {flag}")
+    if score_type and kind and kind != score_type:
+        raise BadInput(f"this is a {kind} model, but {flag} needs a {score_type} model", where=path,
+                       fix="check the order of --reward-model and --cost-model")
+
+
+def check_model_dir(path: str, what: str, flag: str, score_type: str | None = None) -> None:
+    """A local model directory that exists, has a config and a tokenizer, and is the right kind
+    (:func:`check_model_kind`)."""
+    p = Path(path).expanduser()
+    fix = f"pass {flag} DIR written by safealign (or save_pretrained)"
+    if not p.is_dir():
+        raise BadInput(f"{what} directory not found", where=path, fix=fix)
+    if not (p / "config.json").is_file():
+        raise BadInput(f"{what} directory has no config.json", where=path, fix=fix)
+    check_model_kind(path, what, flag, score_type)
+    load_tokenizer(str(p))  # raises BadInput when the tokenizer is missing or unreadable
+
+
 def ensure_special_tokens(tok) -> bool:
     """Give ``tok`` an EOS and a pad token different from EOS. Returns True if tokens were added."""
     added = {}

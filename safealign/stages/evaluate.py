@@ -306,35 +306,6 @@ def _read_prompts(cfg) -> tuple[list[str], dict]:
     return prompts, {"rows": len(rows), "duplicates_dropped": dup, "prompts": len(prompts)}
 
 
-def _check_model_dir(path: str, what: str, flag: str, score_type: str | None = None) -> None:
-    """A model directory that exists, has a config and a tokenizer, and is the right kind of model.
-
-    score_type: None for a policy; "reward"/"cost" for a score model. Models trained by safealign
-    record their kind (config ``safealign_score_type``), so swapped arguments are caught here.
-    """
-    import json
-
-    from safealign.errors import BadInput
-    from safealign.models.loading import load_tokenizer
-
-    p = Path(path).expanduser()
-    fix = f"pass {flag} DIR written by safealign (or save_pretrained)"
-    if not p.is_dir():
-        raise BadInput(f"{what} directory not found", where=path, fix=fix)
-    if not (p / "config.json").is_file():
-        raise BadInput(f"{what} directory has no config.json", where=path, fix=fix)
-    try:
-        kind = json.loads((p / "config.json").read_text()).get("safealign_score_type")
-    except (ValueError, AttributeError):
-        raise BadInput("config.json is not valid JSON", where=str(p / "config.json")) from None
-    if score_type is None and kind:
-        raise BadInput(f"this is a {kind} model, not a policy", where=path, fix=f"pass a causal LM (e.g. from safealign sft or ppo-lag) to {flag}")
-    if score_type and kind and kind != score_type:
-        raise BadInput(f"this is a {kind} model, but {flag} needs a {score_type} model", where=path,
-                       fix="check the order of --reward-model and --cost-model")
-    load_tokenizer(str(p))  # raises BadInput when the tokenizer is missing or unreadable
-
-
 def generate(path: str, prompts: list[str], cfg, device) -> tuple[list[str], list[bool]]:
     """Sample one response per prompt (seeded: the same seed for every policy)."""
     import torch
@@ -378,13 +349,15 @@ def run(cfg) -> dict:
     distinct, prompt_stats = _read_prompts(cfg)
     prompts = [p for _ in range(cfg.samples) for p in distinct]  # sample k of each prompt: k passes over the set
     prompt_stats["samples_per_prompt"] = cfg.samples
-    _check_model_dir(cfg.policy, "policy", "--policy")
+    from safealign.models.loading import check_model_dir
+
+    check_model_dir(cfg.policy, "policy", "--policy")
     if cfg.baseline:
-        _check_model_dir(cfg.baseline, "baseline policy", "--baseline")
+        check_model_dir(cfg.baseline, "baseline policy", "--baseline")
     if cfg.reward_model:
-        _check_model_dir(cfg.reward_model, "reward model", "--reward-model", "reward")
+        check_model_dir(cfg.reward_model, "reward model", "--reward-model", "reward")
     if cfg.cost_model:
-        _check_model_dir(cfg.cost_model, "cost model", "--cost-model", "cost")
+        check_model_dir(cfg.cost_model, "cost model", "--cost-model", "cost")
 
     device = "cuda" if torch.cuda.is_available() else None
 

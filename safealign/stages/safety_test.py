@@ -457,7 +457,7 @@ def model_card(summary: dict, res: dict, cfg: SafetyTestConfig) -> str:
         "",
         "## Evidence", "",
         "| | |", "| --- | --- |",
-        f"| decision | PASS |",
+        "| decision | PASS |",
         f"| safety set | {t['set_id']} ({res['n_prompts']} prompts, {res['n_samples']} responses) |",
         f"| i.i.d. unit | {res['iid_unit']} |",
         f"| cost mean / std (per response) | {_fmt(c['mean'])} / {_fmt(c['std'])} |",
@@ -510,14 +510,12 @@ def run(cfg: SafetyTestConfig) -> dict:
         prompts_by_index = {r["prompt_index"]: r["prompt"] for r in rows}
         prompts = [prompts_by_index[i] for i in sorted(prompts_by_index)]
         source = {"file": str(cfg.costs_file), "prompts_used": len(prompts), "source_set_id": None}
-        if cfg.policy or cfg.cost_model:
-            for role, path in (("policy", cfg.policy), ("cost model", cfg.cost_model)):
-                if path and not Path(path).is_dir():
-                    raise BadInput(f"{role} directory not found", where=path)
-    else:
-        for role, path in (("policy", cfg.policy), ("cost model", cfg.cost_model)):
-            if not Path(path).is_dir():
-                raise BadInput(f"{role} directory not found", where=path, fix=f"pass --{role.replace(' ', '-')} DIR (a saved HF model)")
+    from safealign.models.loading import check_model_dir
+
+    for what, flag, path, kind in (("policy", "--policy", cfg.policy, None), ("cost model", "--cost-model", cfg.cost_model, "cost")):
+        if path or not from_costs:  # a re-decision from --costs-file needs no models; given ones are still checked
+            check_model_dir(path, what, flag, kind)
+    if not from_costs:
         prompts, source = load_safety_prompts(cfg)
     if len(prompts) < 2:
         raise BadInput(f"the safety set has {len(prompts)} distinct prompt(s); a bound needs at least 2 (hundreds for a useful one)",
@@ -567,14 +565,22 @@ def run(cfg: SafetyTestConfig) -> dict:
             rows, gen_info = sample_costs(cfg, prompts)
         res = decide(rows, bound=cfg.bound, threshold=cfg.threshold, delta=delta_used, alpha=cfg.alpha, cost_range=cost_range)
 
-        # ---- from here on the output directory is written ----
         passed = res["decision"] == "PASS"
         models = {}
         for role, path in (("policy", cfg.policy), ("cost_model", cfg.cost_model)):
             models[role] = {"path": str(Path(path).resolve()), "fingerprint": model_fingerprint(path)} if path else None
+        mode = "re-decision from --costs-file" if from_costs else "sampled"
+        if record:  # recorded as soon as the result is known: a failure while writing must not make the test vanish
+            append_registry(reg, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "set_id": sid, "source_set_id": source.get("source_set_id"),
+                                  "n_prompts": res["n_prompts"], "test_number": test_number, "delta_used": delta_used,
+                                  "settings": settings, "decision": res["decision"], "upper": res["mean_bound"]["upper"], "mode": mode,
+                                  "costs_sha256": costs_fingerprint(rows), "output_dir": str(out.resolve()),
+                                  "policy": models["policy"], "cost_model": models["cost_model"]})
+
+        # ---- from here on the output directory is written ----
         summary = {
             "stage": "safety-test", "decision": res["decision"],
-            "mode": "re-decision from --costs-file" if from_costs else "sampled",
+            "mode": mode,
             "test": {"set_id": sid, "bound": cfg.bound, "threshold": cfg.threshold, "alpha": cfg.alpha,
                      "cost_range": list(cost_range) if cost_range else None, **retest},
             "n_prompts": res["n_prompts"], "n_samples": res["n_samples"], "samples_per_prompt": res["samples_per_prompt"],
@@ -617,12 +623,6 @@ def run(cfg: SafetyTestConfig) -> dict:
         intro = "\n".join([f"**{summary['headline']}**", "", retest["statement"], "", "Caveats:", ""] + [f"- {x}" for x in summary["caveats"]])
         report.write(out, {k: v for k, v in summary.items() if k not in ("caveats", "headline")}, title="safealign safety test", intro=intro)
         atomic_write_json(out / "report.json", summary)
-        if record:
-            append_registry(reg, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "set_id": sid, "source_set_id": source.get("source_set_id"),
-                                  "n_prompts": res["n_prompts"], "test_number": test_number, "delta_used": delta_used,
-                                  "settings": settings, "decision": res["decision"], "upper": b["upper"], "mode": summary["mode"],
-                                  "costs_sha256": costs_fingerprint(rows), "output_dir": str(out.resolve()),
-                                  "policy": models["policy"], "cost_model": models["cost_model"]})
     if not passed:
         raise SafetyTestFailed(f"{verdict}. Nothing released; see {out}/report.md")
     return summary
