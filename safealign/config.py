@@ -349,8 +349,8 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
         if self.algorithm == "ppo-lag":
             if self.lambda_method == "sgd" and self.lambda_init <= 0:
                 raise BadInput(f"lambda_init must be > 0 with --lambda-method sgd (it learns log lambda), got {self.lambda_init}")
-            if self.lambda_init < 0 or (self.lambda_max is not None and not 0 < self.lambda_init <= self.lambda_max):
-                raise BadInput(f"lambda_init {self.lambda_init} must be in (0, lambda_max = {self.lambda_max}]")
+            if self.lambda_init < 0 or (self.lambda_max is not None and self.lambda_init > self.lambda_max):
+                raise BadInput(f"lambda_init {self.lambda_init} must be in [0, lambda_max = {self.lambda_max}] (> 0 with --lambda-method sgd)")
         if self.lora_r and (self.reward_critic or self.cost_critic):
             raise BadInput("with --lora-r the critics are LoRA adapters on the policy's base model; --reward-critic/--cost-critic apply to full fine-tuning only",
                            fix="drop --reward-critic/--cost-critic, or use --lora-r 0")

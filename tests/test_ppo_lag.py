@@ -180,12 +180,18 @@ def test_reward_only_ppo_does_not_lower_the_penalised_token(cli, mw, tmp_path):
     assert after >= before and rows[-1]["cost"] > rows[0]["cost"]
 
 
-def test_lora_mode_end_to_end(cli, mw, tmp_path):
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_lora_mode_end_to_end(cli, mw, tmp_path, ckpt):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "lora"
-    assert cli(*base_args(mw, out, "--max-steps", "3", "--lora-r", "4", "--lr", "5e-3")) == 0
+    assert cli(*base_args(mw, out, "--max-steps", "3", "--lora-r", "4", "--lr", "5e-3", *(["--gradient-checkpointing"] if ckpt else []))) == 0
+    if ckpt:  # same data, same seed: adapter-aware checkpointing changes nothing but memory
+        ref = tmp_path / "no-ckpt"
+        assert cli(*base_args(mw, ref, "--max-steps", "3", "--lora-r", "4", "--lr", "5e-3")) == 0
+        for key in ("train/policy_loss", "train/reward_critic_loss", "train/cost_critic_loss", "kl"):
+            assert [r[key] for r in train_rows(out)] == pytest.approx([r[key] for r in train_rows(ref)], abs=1e-4), key
     rows = train_rows(out)
     assert rows[0]["kl"] == 0.0, "reference = base with adapters disabled, and LoRA starts as the identity"
     assert rows[-1]["kl"] != 0.0, "the actor adapter trained"
@@ -321,3 +327,79 @@ def test_prompts_from_prompt_column_or_preference_data(tmp_path):
     assert train == ["How do I cook rice", ["hi", "hello", "plan a trip"]] and evals == [] and stats["duplicates_dropped"] == 1
     train, _, _ = load_prompts(PPOLagConfig(data=str(tmp_path / "hh.jsonl"), **kw))
     assert train == ["grow roses?"]
+
+
+@pytest.mark.parametrize("swap", ["reward_cost", "policy_is_scorer"])
+def test_swapped_models_are_refused_before_anything_runs(cli, world, tiny_policy, tiny_rm, tiny_cm, tmp_path, capsys, swap):
+    out = tmp_path / "out"
+    policy, rm, cm = (tiny_policy, tiny_cm, tiny_rm) if swap == "reward_cost" else (tiny_rm, tiny_rm, tiny_cm)
+    assert cli("ppo-lag", "--model", policy, "--reward-model", rm, "--cost-model", cm, "--data", world / "prompts_train.jsonl",
+               "--output-dir", out, "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert ("needs a reward model" in err) if swap == "reward_cost" else ("not a policy" in err)
+    assert not out.exists()
+
+
+def test_lambda_init_rules():
+    """PID may start at lambda 0 (it is a controller output); SGD learns log lambda so needs lambda > 0;
+    neither may start above lambda_max."""
+    from safealign import config as C
+    from safealign.errors import BadInput
+
+    base = dict(model="p", reward_model="r", cost_model="c", data="d", output_dir="o")
+    assert C.build_config(C.PPOLagConfig, None, {**base, "lambda_method": "pid", "lambda_init": 0.0}).lambda_init == 0.0
+    for bad in ({"lambda_init": 0.0}, {"lambda_init": 6.0}, {"lambda_method": "pid", "lambda_init": 6.0}):
+        with pytest.raises(BadInput):
+            C.build_config(C.PPOLagConfig, None, {**base, **bad})
+
+
+@pytest.mark.parametrize("ptx", [False, True])
+def test_lora_gradient_checkpointing_recomputes_under_the_right_adapter(ptx):
+    """LoRA mode runs one base under the actor's and each critic's adapter in the same forward. With
+    gradient checkpointing the backward pass recomputes every layer; the gradients must equal those
+    without checkpointing (without the adapter-aware context they do not: the control below)."""
+    import copy
+
+    from torch import nn
+    from transformers import LlamaForCausalLM
+
+    from safealign.models.loading import apply_lora
+    from safealign.stages.ppo_lag import ACTOR, Learner, adapter_checkpoint_context, switch_adapter
+
+    torch.manual_seed(0)
+    cfg = LlamaForCausalLM.config_class(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    base = LlamaForCausalLM(cfg)
+    actor = apply_lora(base, r=4, alpha=8, dropout=0.0, targets="all-linear", task="CAUSAL_LM")
+    critics = {}
+    for name in ("reward", "cost"):
+        actor.add_adapter(f"{name}_critic", copy.deepcopy(actor.peft_config[ACTOR]))
+        critics[name] = nn.Linear(32, 1, bias=False)
+    for n, p in actor.named_parameters():  # LoRA B starts at zero: make every adapter matter
+        if "lora_B" in n:
+            nn.init.normal_(p, std=0.5)
+    switch_adapter(actor, ACTOR)
+    actor.base_model.set_requires_grad(list(actor.peft_config), True)
+    ids = torch.randint(1, 50, (3, 12))
+    mask = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()} if ptx else None
+
+    def grads(ckpt: str) -> dict:
+        learner = Learner(copy.deepcopy(actor), {k: copy.deepcopy(v) for k, v in critics.items()}, lora=True)
+        model = learner.actor.get_base_model()
+        if ckpt != "off":
+            kw = {"use_reentrant": False}
+            if ckpt == "adapter-aware":
+                kw["context_fn"] = adapter_checkpoint_context(learner.actor)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        learner.train()
+        out = learner(ids, mask, prompt_len=4, ptx=batch)
+        loss = out["logp"].sum() + out["values_reward"].pow(2).sum() + 2 * out["values_cost"].sum() + (out["ptx_loss"] if ptx else 0)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in learner.named_parameters() if p.grad is not None}
+
+    ref, fixed, naive = grads("off"), grads("adapter-aware"), grads("plain")
+    assert set(ref) == set(fixed) and any("reward_critic" in n for n in ref) and any("lora_A.default" in n for n in ref)
+    for n in ref:
+        assert torch.allclose(ref[n], fixed[n], atol=1e-5, rtol=1e-4), n
+    assert any(not torch.allclose(ref[n], naive[n], atol=1e-5, rtol=1e-4) for n in ref), "the control should show the bug"

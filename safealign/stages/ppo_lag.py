@@ -35,7 +35,7 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,8 @@ from safealign.algorithms import rl as RL
 from safealign.algorithms.lagrange import EpisodeCostWindow, LagrangeMultiplier
 from safealign.config import PPOLagConfig, to_dict
 from safealign.errors import BadInput
-from safealign.models.generation import decode_responses, encode_prompts, pad, sample, score_texts
+from safealign.models.generation import decode_responses, encode_prompts, sample, score_texts
+from safealign.models.loading import local_load
 from safealign.models.score import TokenScorer, backbone, position_ids_from_mask
 
 ACTOR = "default"            # peft's name for the first adapter: saved at adapter/ without a sub-folder
@@ -61,6 +62,43 @@ RESUME_KEYS = ("data", "model", "reward_model", "cost_model", "reward_critic", "
 # =============================================================================================
 # Roles
 # =============================================================================================
+
+
+def switch_adapter(peft_model, adapter: str) -> None:
+    """Make ``adapter`` the active LoRA adapter, keeping every adapter trainable (peft's set_adapter
+    freezes the others; the single optimizer and DDP expect them all trainable). Both calls walk every
+    module, so an adapter that is already active is left alone."""
+    tuner = peft_model.base_model
+    if tuner.active_adapter == adapter:
+        return
+    tuner.set_adapter(adapter)
+    tuner.set_requires_grad(list(peft_model.peft_config), True)
+
+
+def adapter_checkpoint_context(peft_model):
+    """``context_fn`` for torch's non-reentrant checkpointing of a base shared by several adapters.
+
+    One forward of the learner runs the base under the actor's adapter, then under each critic's;
+    the backward pass recomputes every checkpointed layer, and a LoRA layer reads the active adapter
+    when it is called, so without this every layer would be recomputed under the adapter active at
+    backward time (the last one used) and the actor's gradients would come from a critic's weights.
+    The recompute context re-activates the adapter that was active when the layer ran forward."""
+
+    def context_fn():
+        at_forward = peft_model.base_model.active_adapter
+
+        @contextmanager
+        def recompute():
+            at_backward = peft_model.base_model.active_adapter
+            switch_adapter(peft_model, at_forward)
+            try:
+                yield
+            finally:
+                switch_adapter(peft_model, at_backward)
+
+        return nullcontext(), recompute()
+
+    return context_fn
 
 
 class Learner(nn.Module):
@@ -82,14 +120,8 @@ class Learner(nn.Module):
 
     # -- adapters (LoRA mode) -------------------------------------------------------------
     def _use(self, adapter: str) -> None:
-        """Make ``adapter`` the active LoRA adapter, keeping every adapter trainable (peft's
-        set_adapter freezes the others; the single optimizer and DDP expect them all trainable)."""
         if self.lora:
-            self.actor.base_model.set_adapter(adapter)
-            self.actor.base_model.set_requires_grad(self.adapter_names(), True)
-
-    def adapter_names(self) -> list[str]:
-        return [ACTOR] + [f"{name}_critic" for name in self.critics]
+            switch_adapter(self.actor, adapter)
 
     # -- forward pieces ---------------------------------------------------------------------
     def policy(self) -> nn.Module:
@@ -203,31 +235,18 @@ def count_params(model: nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions: ds_numel is the full size
 
 
-@contextmanager
-def whole_models(acc):
-    """Models loaded inside are not partitioned by ZeRO-3: the frozen roles (never wrapped by a
-    DeepSpeed engine, so nothing would gather their shards) and single-process reloads."""
-    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-
-    plugin = getattr(acc.state, "deepspeed_plugin", None) if acc is not None else None
-    if plugin is None or not is_deepspeed_zero3_enabled():
-        yield
-        return
-    unset_hf_deepspeed_config()          # transformers partitions at load time while this config is set
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()   # accelerate's own way of setting it (the flag-based context manager leaves it set)
-
-
 def build_roles(cfg: PPOLagConfig, tok, frozen_dtype: str, acc=None):
     """(learner, reference or None, reward judge, cost judge or None, notes). Loads everything:
     any unusable path or tokenizer is BadInput, raised before the output directory is touched."""
-    from safealign.models.loading import apply_lora, load_causal_lm, load_score_model, load_tokenizer
+    from safealign.models.loading import apply_lora, check_model_kind, load_causal_lm, load_score_model, load_tokenizer
 
+    check_model_kind(cfg.model, "policy", "--model")
+    check_model_kind(cfg.reward_model, "reward model", "--reward-model", "reward")
+    if cfg.cost_model:
+        check_model_kind(cfg.cost_model, "cost model", "--cost-model", "cost")
     critic_names = ["reward", "cost"] if cfg.algorithm == "ppo-lag" else ["reward"]
     notes: dict = {}
-    with whole_models(acc):
+    with local_load():
         reward = Judge(cfg.reward_model, tok, frozen_dtype)
         cost = Judge(cfg.cost_model, tok, frozen_dtype) if cfg.cost_model else None
     notes["reward_model"] = {"path": cfg.reward_model, "fed": "token ids" if reward.same_vocab else "re-tokenized text"}
@@ -248,7 +267,8 @@ def build_roles(cfg: PPOLagConfig, tok, frozen_dtype: str, acc=None):
         reference = None
         notes["reference"] = "the policy base with adapters disabled"
         if cfg.gradient_checkpointing:
-            actor.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            actor.get_base_model().gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": adapter_checkpoint_context(actor)})
     else:
         critics = {}
         for name in critic_names:
@@ -261,7 +281,7 @@ def build_roles(cfg: PPOLagConfig, tok, frozen_dtype: str, acc=None):
                 source = cfg.model   # a score model on the actor's checkpoint, fresh value head
             critics[name] = TokenScorer(load_score_model(source, tok, dtype="fp32", seed=cfg.seed, score_type="critic"))
             notes[f"{name}_critic"] = f"initialised from {source}" + (" (the reward/cost model's tokenizer differs from the actor's)" if source == cfg.model else "")
-        with whole_models(acc):
+        with local_load():
             reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype).eval().requires_grad_(False)
         notes["reference"] = f"frozen copy of {cfg.model}"
         if cfg.gradient_checkpointing:
@@ -269,7 +289,9 @@ def build_roles(cfg: PPOLagConfig, tok, frozen_dtype: str, acc=None):
             for c in critics.values():
                 c.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     learner = Learner(actor, critics, lora=bool(cfg.lora_r))
-    learner._use(ACTOR)
+    if cfg.lora_r:  # the actor's adapter active, every adapter trainable (add_adapter leaves the new ones frozen)
+        switch_adapter(actor, ACTOR)
+        actor.base_model.set_requires_grad(list(actor.peft_config), True)
     disable_dropout(learner)
     return learner, reference, reward, cost, notes
 
@@ -340,34 +362,18 @@ def load_prompts(cfg: PPOLagConfig) -> tuple[list, list, dict]:
     return train, eval_prompts, stats
 
 
-def load_ptx(cfg: PPOLagConfig, tok) -> list[tuple[list[int], int]]:
-    """SFT rows (prompt/response columns) for the PTX loss: (ids = prompt + response + EOS, prompt length)."""
+def load_ptx(cfg: PPOLagConfig, tok) -> list:
+    """SFT rows (prompt/response columns) for the PTX loss, read, validated and encoded as `safealign sft`
+    does (--invalid-rows applies; the loss is on response + EOS)."""
     if not cfg.ptx_data or cfg.ptx_coeff <= 0:
         return []
-    from safealign.data.encode import encode
     from safealign.data.readers import read_rows
-    from safealign.data.templates import format_prompt, format_response
+    from safealign.stages.sft import encode_examples, rows_to_examples
 
-    rows = read_rows(cfg.ptx_data, cfg.data_split)
-    out = []
-    for i, r in enumerate(rows, start=1):
-        p, y = r.get(cfg.columns.get("prompt", "prompt")), r.get(cfg.columns.get("response", "response"))
-        if not (isinstance(p, str) and isinstance(y, str) and p.strip() and y.strip()):
-            raise BadInput(f"row {i} needs non-empty 'prompt' and 'response' text", where=cfg.ptx_data)
-        e = encode(tok, format_prompt(p, cfg.template, tok), format_response(y, cfg.template), cfg.max_length)
-        out.append((e.ids, e.prompt_len))
-    if not out:
-        raise BadInput("no PTX rows", where=cfg.ptx_data)
-    return out
-
-
-def ptx_batch(examples: list[tuple[list[int], int]], pad_id: int) -> dict:
-    ids, mask = pad([e[0] for e in examples], pad_id)                       # right-padded [B, L]
-    labels = ids.clone()
-    labels[mask == 0] = -100
-    for i, (_, plen) in enumerate(examples):
-        labels[i, :plen] = -100                                             # loss on response + EOS only
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    columns = {k: v for k, v in cfg.columns.items() if k in ("prompt", "response")}
+    examples, _ = rows_to_examples(read_rows(cfg.ptx_data, cfg.data_split), source=cfg.ptx_data, fmt="sft", columns=columns,
+                                   invalid_rows=cfg.invalid_rows, preference_response="better")
+    return encode_examples(tok, examples, cfg.template, cfg.max_length)[0]
 
 
 def prompts_fingerprint(prompts: list) -> str:
@@ -475,7 +481,7 @@ def save_policy(acc, learner, tok, out: Path, cfg: PPOLagConfig) -> dict:
         from safealign.models.loading import load_causal_lm
 
         actor.save_pretrained(tmp / "adapter", selected_adapters=[ACTOR], state_dict=inner)
-        with whole_models(acc):
+        with local_load():
             base = load_causal_lm(cfg.model, tok, dtype="fp32")
         merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -492,7 +498,7 @@ def verify_policy(acc, out: Path, learner_u: Learner, tok, exp: Experience, comp
 
     if count_params(learner_u.actor) > 200_000_000:
         return {"checked": False, "why": "model above 200M parameters: skipped to save time"}
-    with whole_models(acc):
+    with local_load():
         plain = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     ids, attn = exp.seq[:8].cpu(), exp.attn[:8].cpu()
     gen = plain.generate(input_ids=ids[:2, :exp.P], attention_mask=attn[:2, :exp.P], max_new_tokens=4, do_sample=False,
@@ -604,7 +610,9 @@ def run(cfg: PPOLagConfig) -> dict:
         """The PTX micro-batch of this process for the update-th micro-batch of the run (deterministic)."""
         if ptx_order is None:
             return None
-        batch = ptx_batch([ptx[i] for i in ptx_order.take(update * micro * world + rank * micro, micro)], tok.pad_token_id)
+        from safealign.stages.sft import collate as sft_collate
+
+        batch = sft_collate([ptx[i] for i in ptx_order.take(update * micro * world + rank * micro, micro)], tok.pad_token_id)
         return {k: v.to(acc.device) for k, v in batch.items()}
     bar = tqdm(total=total, initial=start, desc=out.name, dynamic_ncols=True,
                disable=not acc.is_local_main_process or os.environ.get("SAFEALIGN_NO_PROGRESS") == "1")
