@@ -87,6 +87,8 @@ def finish(acc) -> None:
     if acc is None:
         return
     if acc.num_processes > 1:
+        for tracker in acc.trackers:  # what end_training would do: exit_distributed skips atexit hooks
+            tracker.finish()
         acc.wait_for_everyone()
         return
     acc.end_training()

@@ -204,8 +204,6 @@ def lm_eval(acc, model, examples: list[EncodedSFT], pad_id: int, batch_size: int
 
 def run(cfg: SFTConfig) -> dict:
     from safealign.models.loading import apply_lora, load_causal_lm, load_tokenizer
-    from safealign.runtime import checkpoint as ckpt
-    from safealign.runtime.metrics import MetricsLog
 
     t_start = time.perf_counter()
     out = check_output_dir(cfg.output_dir, cfg.resume)
@@ -236,8 +234,6 @@ def run(cfg: SFTConfig) -> dict:
     open_run_dir(acc, cfg, out, "sft", cfg_dict=cfg_dict, prompts=[e.prompt for e in train_rows + eval_rows],
                  inherit_from=[cfg.model if cfg.model != "tiny" else None], data_fingerprint=fingerprint(train_rows),
                  extra={"train_examples": len(train_ex), "eval_examples": len(eval_ex)})
-    if acc.is_main_process and cfg.resume and ckpt.latest_checkpoint(out) is None:
-        MetricsLog(out / "metrics.jsonl").truncate_after(0)  # killed before its first checkpoint: start over cleanly
 
     def evaluate(step: int) -> dict:
         return lm_eval(acc, model, eval_ex, tok.pad_token_id, cfg.batch_size * 2)
@@ -247,15 +243,20 @@ def run(cfg: SFTConfig) -> dict:
     result = train_loop(acc=acc, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
                         collate=lambda b: collate(b, tok.pad_token_id), loss_fn=sft_loss, out=out, total_steps=total,
                         evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict, unit="examples")
+    probe = (eval_ex or train_ex)[:8]
+    live = _live_logits(acc, model, collate(probe, tok.pad_token_id))  # collective: under ZeRO-3 every process takes part
     final, merged = _save_policy(acc, model, tok, out, cfg, resized)
     summary: dict = {}
     if acc.is_main_process:
         plugin = acc.state.deepspeed_plugin
-        if plugin is not None and plugin.zero_stage == 3:  # the in-memory weights are sharded: check the saved copy
+        if plugin is not None and plugin.zero_stage == 3:  # the in-memory weights are sharded: generate with the saved copy
             from transformers import AutoModelForCausalLM
 
-            merged = AutoModelForCausalLM.from_pretrained(str(out)).to(acc.device)
-        reload = verify_reload(out, merged, eval_ex or train_ex, tok.pad_token_id)
+            from safealign.models.loading import local_load
+
+            with local_load():
+                merged = AutoModelForCausalLM.from_pretrained(str(out)).to(acc.device)
+        reload = verify_reload(out, live, probe, tok.pad_token_id)
         check = generation_check(merged, tok, eval_rows or train_rows, train_rows, cfg)
         counts = Counter(train_counts) + Counter(eval_counts)
         ev = result.evals[-1] if result.evals else {}
@@ -336,26 +337,32 @@ def _save_policy(acc, model, tok, out: Path, cfg, resized: bool = False) -> tupl
 
 
 @torch.no_grad()
-def verify_reload(out: Path, model, examples: list[EncodedSFT], pad_id: int, n: int = 8) -> dict:
-    """Reload the saved policy with plain AutoModelForCausalLM: same logits, and it generates."""
+def _live_logits(acc, model, batch: dict) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=batch["input_ids"].to(acc.device), attention_mask=batch["attention_mask"].to(acc.device)).logits.float().cpu()
+
+
+@torch.no_grad()
+def verify_reload(out: Path, live: torch.Tensor, examples: list[EncodedSFT], pad_id: int) -> dict:
+    """Reload the saved policy with plain AutoModelForCausalLM: its logits equal ``live`` (the model as
+    trained, on ``examples``), and it generates."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if sum(p.numel() for p in model.parameters()) > 200_000_000:
-        return {"checked": False, "why": "model above 200M parameters: skipped to save time"}
-    plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    from safealign.models.loading import local_load
+
+    if sum(f.stat().st_size for f in Path(out).glob("*.safetensors")) > 1_000_000_000:
+        return {"checked": False, "why": "weights above 1 GB: reload check skipped to save time"}
+    with local_load():
+        plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
-    b = collate(examples[:n], pad_id)
+    b = collate(examples, pad_id)
     ref = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    device = next(model.parameters()).device
-    model.eval()
-    ours = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits.float().cpu()
-    m = b["attention_mask"].bool()
-    diff = float((ref - ours)[m].abs().max())
+    diff = float((ref - live)[b["attention_mask"].bool()].abs().max())
     prompt = examples[0].ids[: examples[0].prompt_len]
     gen = plain.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     new = gen.shape[1] - len(prompt)
-    return {"checked": True, "sequences": len(examples[:n]), "max_abs_logit_diff": diff, "generated_tokens": int(new),
+    return {"checked": True, "sequences": len(examples), "max_abs_logit_diff": diff, "generated_tokens": int(new),
             "ok": diff < 1e-3 and new > 0}
 
 

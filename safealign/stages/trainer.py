@@ -168,12 +168,12 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
                loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], out: Path, total_steps: int,
                evaluate: Callable[[int], dict] | None = None, on_checkpoint_state: Callable[[], dict] | None = None,
                cfg_dict: dict | None = None, unit: str = "pairs") -> LoopResult:
-    """Run optimizer steps ``[start, total_steps)``; returns where it stopped and throughput."""
+    """Run optimizer steps ``[start, total_steps)``; returns where it stopped and throughput. The caller has
+    opened ``out`` with :func:`open_run_dir` (which also removes half-written checkpoints)."""
     world, rank = acc.num_processes, acc.process_index
     log = MetricsLog(out / "metrics.jsonl", acc)
     order = DataOrder(len(examples), cfg.seed)
     start, resumed_from = 0, None
-    ckpt.clean_partial(out) if acc.is_main_process else None
     if cfg.resume:
         last = ckpt.latest_checkpoint(out)
         if last is not None:
