@@ -66,6 +66,13 @@ def test_reader_errors_name_the_file_and_line(tmp_path):
         read_rows(str(tmp_path / "x.txt"))
 
 
+def test_pku_missing_safety_label_on_either_response_means_ranking_only():
+    row = {"prompt": "p", "response_0": "a", "response_1": "b", "better_response_id": 0, "safer_response_id": 1}
+    for labels in ({"is_response_0_safe": None, "is_response_1_safe": True}, {"is_response_0_safe": True, "is_response_1_safe": None}, {}):
+        [pair], _ = rows_to_pairs([{**row, **labels}], source="pku", task="safety", fmt="pku")
+        assert pair.chosen == "b" and pair.chosen_unsafe is None and pair.rejected_unsafe is None
+
+
 def test_pku_schema_real_rows(shared_data):
     rows = read_rows(str(shared_data / "PKU-SafeRLHF" / "train.json"))
     helpful, _ = rows_to_pairs(rows, source="pku", task="helpful")

@@ -306,9 +306,9 @@ def test_safety_shared_helpfulness_taste_dependent(tmp_path):
     # Tastes disagree on helpfulness.
     assert by_taste["balanced"]["better_agree"] == 1.0
     assert by_taste["balanced"]["better_agree"] - by_taste["concise"]["better_agree"] > 0.1
+    # The annotator model predicts the same: noiseless safety labels agree with the oracle for every annotator.
     ex = expected_agreement(rows, cfg)
-    assert len({round(v["safer_agree"], 9) for k, v in ex.items()
-                if k != "all" and not math.isnan(v["safer_agree"])}) == 1
+    assert all(v["safer_agree"] == pytest.approx(1.0) for k, v in ex.items() if k != "all" and not math.isnan(v["safer_agree"]))
 
 
 def test_make_annotators_follows_shares():

@@ -276,7 +276,7 @@ def student_t_ucb(costs: Sequence[float], delta: float) -> Bound:
     stderr = std / math.sqrt(n)
     return Bound(
         name="student-t",
-        upper=mean + t_q * stderr,
+        upper=mean + float(student_t_radius(std, n, delta)),
         mean=mean,
         std=std,
         n=n,
@@ -369,7 +369,7 @@ def empirical_bernstein_ucb(
     range_term = 7.0 * (high - low) * log_term / (3.0 * (n - 1))
     return Bound(
         name="bernstein",
-        upper=mean + variance_term + range_term,
+        upper=mean + float(bernstein_radius(var, n, delta, low, high)),  # = variance_term + range_term (the reported split)
         mean=mean,
         std=math.sqrt(var),
         n=n,

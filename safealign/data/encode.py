@@ -72,12 +72,13 @@ def split_by_prompt(pairs: list[Pair], fraction: float, seed: int) -> tuple[list
     """Hold out ``fraction`` of the distinct prompts (all their pairs) for evaluation, seeded."""
     if fraction <= 0:
         return pairs, []
-    keys = sorted({normalize_prompt(" ".join(p.prompt)) for p in pairs})
+    key = [normalize_prompt(" ".join(p.prompt)) for p in pairs]
+    keys = sorted(set(key))
     random.Random(seed).shuffle(keys)
-    n_eval = max(1, round(len(keys) * fraction)) if len(keys) > 1 else 0
+    n_eval = min(max(1, round(len(keys) * fraction)), len(keys) - 1)  # at least one prompt on each side
     held = set(keys[:n_eval])
-    train = [p for p in pairs if normalize_prompt(" ".join(p.prompt)) not in held]
-    evals = [p for p in pairs if normalize_prompt(" ".join(p.prompt)) in held]
+    train = [p for p, k in zip(pairs, key) if k not in held]
+    evals = [p for p, k in zip(pairs, key) if k in held]
     return train, evals
 
 

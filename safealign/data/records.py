@@ -195,7 +195,7 @@ def _convert(row: dict, fmt: str, col: dict, task: str, i: int) -> Pair | None:
         key = "better_id" if task == "helpful" else "safer_id"
         best = _as_id(_get(row, col[key], i), f"column '{col[key]}'")
         unsafe = [None, None]
-        if task == "safety" and col["safe_0"] in row and col["safe_1"] in row and row[col["safe_0"]] is not None:
+        if task == "safety" and row.get(col["safe_0"]) is not None and row.get(col["safe_1"]) is not None:  # as for pairs below
             unsafe = [not _as_bool(row[col["safe_0"]], f"column '{col['safe_0']}'"),
                       not _as_bool(row[col["safe_1"]], f"column '{col['safe_1']}'")]
         return Pair([prompt], r[best], r[1 - best], unsafe[best], unsafe[1 - best], annotator, i)
