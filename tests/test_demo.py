@@ -26,6 +26,15 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeyp
     assert not (tmp_path / "home").exists(), "the demo keeps its safety-test registry in its own output directory"
 
 
+def test_demo_checks_every_stage_setting_before_writing(cli, tmp_path):
+    """A setting that only a later stage rejects (ppo-lag: no room for the prompt) is bad input at
+    once: exit 2 and no output directory, not an error after minutes of training."""
+    out = tmp_path / "demo"
+    assert cli("demo", "--output-dir", out, "--max-new-tokens", "121") == 2
+    assert cli("demo", "--output-dir", out, "--train-harm", "0.2") == 2
+    assert not out.exists()
+
+
 @pytest.mark.slow_demo
 def test_full_demo_shows_the_method_claim(cli, tmp_path):
     """The full demo (minutes, outside `make test`; `make demo-check`): on the reference world PPO-Lagrangian

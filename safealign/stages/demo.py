@@ -37,6 +37,13 @@ def run(cfg: C.DemoConfig) -> dict:
     from safealign.stages import evaluate, ppo_lag, preference, safety_test, sft
 
     out = check_output_dir(cfg.output_dir, resume=False)
+    world = out / "world"
+    # Every stage's settings are checked before anything is written: a bad combination (say
+    # --max-new-tokens beyond ppo-lag's max_length) must not surface after minutes of training.
+    plan = _stage_overrides(cfg, out, world, threshold=0.0, train_threshold=0.0)
+    for key, overrides in plan.items():
+        C.build_config(STAGE_CONFIGS[key.split(":")[0]], None, overrides)
+
     out.mkdir(parents=True, exist_ok=True)
     write_config(out / "config.yaml", C.to_dict(cfg))
     t_start = time.perf_counter()
@@ -44,40 +51,26 @@ def run(cfg: C.DemoConfig) -> dict:
     q = cfg.quick
     world_cfg = WorldConfig(seed=cfg.seed, rambling_share=cfg.rambling_share, **({"n_pairs": 600, "n_sft": 400, "n_train_prompts": 400, "n_eval_prompts": 60, "n_safety_prompts": 60} if q else {}))
     t0 = time.perf_counter()
-    world = out / "world"
     write_world(world_cfg, world)
     seconds["synth"] = time.perf_counter() - t0
 
-    common = {"seed": cfg.seed, "log_steps": 10, "save_steps": 0}
-    _, seconds["sft"] = _stage(C.SFTConfig, {**common, "model": "tiny", "data": str(world / "sft.jsonl"), "output_dir": str(out / "sft"),
-                                             "epochs": 0.3 if q else cfg.sft_epochs, "batch_size": 16, "lr": 3e-3, "max_length": 128,
-                                             "eval_split": 0.1, "check_prompts": 40 if q else 200}, sft.run)
-    pref = {**common, "model": str(out / "sft"), "data": str(world / "preferences.jsonl"), "batch_size": 16, "lr": 1e-3, "max_length": 128,
-            "eval_split": 0.1, "epochs": 0.3 if q else cfg.score_epochs}
-    rm, seconds["train-rm"] = _stage(C.RewardConfig, {**pref, "output_dir": str(out / "rm")}, preference.run_reward)
-    cm, seconds["train-cost"] = _stage(C.CostConfig, {**pref, "output_dir": str(out / "cm")}, preference.run_cost)
+    _, seconds["sft"] = _stage(C.SFTConfig, plan["sft"], sft.run)
+    rm, seconds["train-rm"] = _stage(C.RewardConfig, plan["train-rm"], preference.run_reward)
+    cm, seconds["train-cost"] = _stage(C.CostConfig, plan["train-cost"], preference.run_cost)
 
     threshold, train_threshold, calibration = _thresholds(cfg, cm)
-    rl = {**common, "model": str(out / "sft"), "reward_model": str(out / "rm"), "cost_model": str(out / "cm"),
-          "data": str(world / "prompts_train.jsonl"), "max_steps": 6 if q else cfg.ppo_steps, "batch_size": 8 if q else cfg.ppo_batch,
-          "max_new_tokens": cfg.max_new_tokens, "kl_coeff": cfg.kl_coeff, "lr": cfg.actor_lr, "critic_lr": cfg.critic_lr,
-          "threshold": train_threshold, "lambda_init": cfg.lambda_init, "lambda_lr": cfg.lambda_lr, "eval_split": 0.0, "max_length": 128}
+    plan = _stage_overrides(cfg, out, world, threshold=threshold, train_threshold=train_threshold)
     runs = {}
-    for name, algo in (("ppo", "ppo"), ("shaping", "reward-shaping"), ("ppo_lag", "ppo-lag")):
-        runs[name], seconds[f"rl:{name}"] = _stage(C.PPOLagConfig, {**rl, "algorithm": algo, "output_dir": str(out / name)}, ppo_lag.run)
+    for name in ("ppo", "shaping", "ppo_lag"):
+        runs[name], seconds[f"rl:{name}"] = _stage(C.PPOLagConfig, plan[f"ppo-lag:{name}"], ppo_lag.run)
 
     # Safety test of each policy on the same held-out set: the candidate (ppo-lag) first with the full
     # delta, the others as explicit retests with Bonferroni-corrected deltas (the registry says so).
-    registry = out / "safety_tests.jsonl"
     decisions = {}
     for name in ("ppo_lag", "sft", "ppo", "shaping"):
-        st_cfg = C.build_config(C.SafetyTestConfig, None, {
-            "policy": str(out / name), "cost_model": str(out / "cm"), "prompts": str(world / "prompts_safety.jsonl"),
-            "output_dir": str(out / "safety" / name), "threshold": threshold, "delta": cfg.delta, "max_new_tokens": cfg.max_new_tokens,
-            "seed": cfg.seed, "registry": str(registry), "allow_retest": name != "ppo_lag"})
         t0 = time.perf_counter()
         try:
-            s = safety_test.run(st_cfg)
+            s = safety_test.run(C.build_config(C.SafetyTestConfig, None, plan[f"safety-test:{name}"]))
         except SafetyTestFailed:
             s = json.loads((out / "safety" / name / "report.json").read_text())
         seconds[f"safety-test:{name}"] = time.perf_counter() - t0
@@ -85,12 +78,41 @@ def run(cfg: C.DemoConfig) -> dict:
 
     evals = {}
     for name, _ in POLICIES:
-        ev, seconds[f"eval:{name}"] = _stage(C.EvalConfig, {
+        evals[name], seconds[f"eval:{name}"] = _stage(C.EvalConfig, plan[f"eval:{name}"], evaluate.run)
+    return _summarise(cfg, out, world, rm, cm, runs, decisions, evals, seconds, time.perf_counter() - t_start, threshold, train_threshold, calibration)
+
+
+STAGE_CONFIGS = {"sft": C.SFTConfig, "train-rm": C.RewardConfig, "train-cost": C.CostConfig, "ppo-lag": C.PPOLagConfig,
+                 "safety-test": C.SafetyTestConfig, "eval": C.EvalConfig}
+
+
+def _stage_overrides(cfg: C.DemoConfig, out: Path, world: Path, *, threshold: float, train_threshold: float) -> dict[str, dict]:
+    """The settings of every stage of the chain, keyed "STAGE" or "STAGE:policy"."""
+    q = cfg.quick
+    common = {"seed": cfg.seed, "log_steps": 10, "save_steps": 0}
+    plan = {"sft": {**common, "model": "tiny", "data": str(world / "sft.jsonl"), "output_dir": str(out / "sft"),
+                    "epochs": 0.3 if q else cfg.sft_epochs, "batch_size": 16, "lr": 3e-3, "max_length": 128,
+                    "eval_split": 0.1, "check_prompts": 40 if q else 200}}
+    pref = {**common, "model": str(out / "sft"), "data": str(world / "preferences.jsonl"), "batch_size": 16, "lr": 1e-3, "max_length": 128,
+            "eval_split": 0.1, "epochs": 0.3 if q else cfg.score_epochs}
+    plan["train-rm"] = {**pref, "output_dir": str(out / "rm")}
+    plan["train-cost"] = {**pref, "output_dir": str(out / "cm")}
+    rl = {**common, "model": str(out / "sft"), "reward_model": str(out / "rm"), "cost_model": str(out / "cm"),
+          "data": str(world / "prompts_train.jsonl"), "max_steps": 6 if q else cfg.ppo_steps, "batch_size": 8 if q else cfg.ppo_batch,
+          "max_new_tokens": cfg.max_new_tokens, "kl_coeff": cfg.kl_coeff, "lr": cfg.actor_lr, "critic_lr": cfg.critic_lr,
+          "threshold": train_threshold, "lambda_init": cfg.lambda_init, "lambda_lr": cfg.lambda_lr, "eval_split": 0.0, "max_length": 128}
+    for name, algo in (("ppo", "ppo"), ("shaping", "reward-shaping"), ("ppo_lag", "ppo-lag")):
+        plan[f"ppo-lag:{name}"] = {**rl, "algorithm": algo, "output_dir": str(out / name)}
+    for name, _ in POLICIES:
+        plan[f"safety-test:{name}"] = {
+            "policy": str(out / name), "cost_model": str(out / "cm"), "prompts": str(world / "prompts_safety.jsonl"),
+            "output_dir": str(out / "safety" / name), "threshold": threshold, "delta": cfg.delta, "max_new_tokens": cfg.max_new_tokens,
+            "seed": cfg.seed, "registry": str(out / "safety_tests.jsonl"), "allow_retest": name != "ppo_lag"}
+        plan[f"eval:{name}"] = {
             "policy": str(out / name), "reward_model": str(out / "rm"), "cost_model": str(out / "cm"),
             "prompts": str(world / "prompts_eval.jsonl"), "output_dir": str(out / "eval" / name), "max_new_tokens": cfg.max_new_tokens,
-            "seed": cfg.seed, "samples": 1 if q else cfg.eval_samples, **({"baseline": str(out / "sft")} if name != "sft" else {})}, evaluate.run)
-        evals[name] = ev
-    return _summarise(cfg, out, world, rm, cm, runs, decisions, evals, seconds, time.perf_counter() - t_start, threshold, train_threshold, calibration)
+            "seed": cfg.seed, "samples": 1 if q else cfg.eval_samples, **({"baseline": str(out / "sft")} if name != "sft" else {})}
+    return plan
 
 
 def _thresholds(cfg, cm: dict) -> tuple[float, float, dict]:
