@@ -213,3 +213,12 @@ def test_help_is_fast_because_heavy_imports_are_lazy():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     helped = subprocess.run(_cmd("train-cost", "--help"), capture_output=True, text=True, cwd=REPO)
     assert helped.returncode == 0 and "--sign-weight" in helped.stdout and "--resume" in helped.stdout
+
+
+def test_metrics_truncation_survives_a_row_torn_by_a_kill(tmp_path):
+    from safealign.runtime.metrics import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "loss": 0.8}\n{"step": 4, "lo')
+    MetricsLog(path).truncate_after(2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

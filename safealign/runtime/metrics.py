@@ -24,10 +24,21 @@ class MetricsLog:
         self.main = accelerator is None or accelerator.is_main_process
 
     def truncate_after(self, step: int) -> None:
+        """Keep the rows up to ``step`` (a resumed run rewrites the rest). A row torn by a kill in
+        the middle of an append is dropped; the file is replaced atomically."""
         if not self.main or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        from safealign.runtime.io import atomic_write_text
+
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, values: dict) -> dict:
         row = {"step": step, **{k: _clean(v) for k, v in values.items()}}
