@@ -350,3 +350,18 @@ def test_validate_rejects(kw, msg):
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="unknown key"):
         WorldConfig.from_dict({"seed": 1, "bogus": 2})
+
+
+def test_synth_cli_defaults_are_the_reference_world():
+    """`safealign data synth` declares its options by hand (for --help); they must stay the world's defaults."""
+    import dataclasses
+
+    from safealign.config import SynthConfig
+
+    world = {f.name: f for f in dataclasses.fields(WorldConfig)}
+    cli = {f.name: f for f in dataclasses.fields(SynthConfig) if f.name != "output_dir"}
+    assert set(cli) == set(world)
+    for name in world:
+        w = world[name].default if world[name].default is not dataclasses.MISSING else world[name].default_factory()
+        c = cli[name].default if cli[name].default is not dataclasses.MISSING else cli[name].default_factory()
+        assert c == w, name
