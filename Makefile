@@ -30,6 +30,7 @@ demo-check:
 bench:
 	$(BIN)/python bench/train_rm_speed.py
 	$(BIN)/python bench/bound_validation.py --reps 2000 --out bench/results/bound_validation.md
+	$(BIN)/python bench/ppo_speed.py --out bench/results/ppo_speed.md
 
 clean:
 	rm -rf demo-out runs .pytest_cache

@@ -12,7 +12,7 @@ depend on what the weights say):
    RSS of a process that has imported the same libraries and loaded nothing; on a GPU it is
    ``torch.cuda.max_memory_allocated``.
 
-    .venv/bin/python bench/ppo_speed.py                 # speed: h512 x 8 (20M), memory: h768 x 12 (85M)
+    .venv/bin/python bench/ppo_speed.py                 # speed: h512 x 8 (20M), memory: h768 x 12 (65M)
     .venv/bin/python bench/ppo_speed.py --hidden 256 --layers 4 --mem-hidden 0   # quick, speed only
 
 Timings on a shared machine are noisy: each phase is reported as the median over the steps after

@@ -61,7 +61,7 @@ without checkpointing, through safealign's own TokenScorer, sft loss and ppo-lag
 in ``bench/results/plan_vs_measured.md``):
 
 * weights, gradients and optimizer states: exact up to 0.02% (AdamW's 4-byte step counters);
-* activations kept at the end of the forward: within 0.6% without checkpointing, within +10%
+* activations kept at the end of the forward: within 0.6% without checkpointing, within +10.3%
   (over) with it;
 * activation peak during forward + backward (a tracker of every live tensor): -3.6% to +4.0%;
 * KV cache after ``generate``: +0.8% (the last sampled token is never cached).
