@@ -236,7 +236,7 @@ def build_learner(dtype, ckpt: bool, lora_r: int):
 
     from safealign.models.loading import apply_lora
     from safealign.models.score import TokenScorer
-    from safealign.stages.ppo_lag import ACTOR, Learner
+    from safealign.rl.roles import ACTOR, Learner
 
     torch.manual_seed(0)
     actor = LlamaForCausalLM(llama_config()).to(dtype)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from safealign.errors import BadInput
+from safealign.rl.algorithms import ALGORITHMS
 
 STAGE_NAMES = ("train-rm", "train-cost", "ppo-lag", "safety-test", "sft", "eval", "demo", "synth", "split")
 
@@ -280,10 +281,12 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
     cost_model: str | None = opt(None, "Cost model directory (from train-cost); not needed for --algorithm ppo.")
     reward_critic: str | None = opt(None, "Initial reward critic (default: the reward model).")
     cost_critic: str | None = opt(None, "Initial cost critic (default: the cost model).")
-    algorithm: str = opt("ppo-lag", "ppo-lag (learned multiplier), ppo (reward only, no cost), reward-shaping (fixed lambda: reward - lambda_init * cost).", choices=("ppo-lag", "ppo", "reward-shaping"))
+    algorithm: str = opt("ppo-lag", "ppo-lag (PPO-Lagrangian: reward and cost critics, learned multiplier), ppo (reward only, no cost), reward-shaping (fixed lambda: reward - lambda_init * cost), grpo-lag (GRPO-Lagrangian: no critics, group-relative advantages of reward and cost, learned multiplier), grpo (reward only, group-relative).", choices=tuple(ALGORITHMS))
+    group_size: int = opt(0, "Responses sampled per prompt (G). The grpo algorithms normalise each response's reward and cost within its group of G and need G >= 2; 0 = the algorithm's default (4 for grpo*, 1 for ppo*).")
+    kl_in: str = opt("auto", "Where the KL to the reference goes: reward (a per-token penalty on the reward stream and bonus on the cost stream, Safe RLHF), loss (kl_coeff x KL as a loss term, GRPO), or auto (reward for ppo*, loss for grpo*).", choices=("auto", "reward", "loss"))
     no_eos_penalty: float | None = opt(None, "Responses that hit --max-new-tokens without EOS are scored as generated (EOS appended for the score models); a value here replaces their reward by this number instead.")
-    kl_coeff: float = opt(0.01, "beta: per-token KL to the reference, a penalty on the reward stream and a bonus on the cost stream.")
-    kl_estimator: str = opt("k1", "Per-token KL estimator.", choices=("k1", "k3"))
+    kl_coeff: float = opt(0.01, "beta: weight of the KL to the reference (per-token penalty on the reward stream and bonus on the cost stream, or the KL loss term with --kl-in loss).")
+    kl_estimator: str = opt("auto", "Per-token KL estimator: k1 (log-ratio), k3 ((r - 1) - log r, >= 0), auto (k1 in the reward, k3 as a loss term).", choices=("auto", "k1", "k3"))
     clip_range_score: float = opt(50.0, "Per-token reward/cost clipping.")
     gamma: float = opt(1.0, "Discount factor of GAE.")
     gae_lambda: float = opt(0.95, "lambda of GAE.")
@@ -317,21 +320,28 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
         _validate_common(self)
         if not self.reward_model:
             raise BadInput("no reward model given", fix="pass --reward-model DIR (from safealign train-rm)")
-        if self.algorithm != "ppo" and not self.cost_model:
-            raise BadInput(f"--algorithm {self.algorithm} needs a cost model", fix="pass --cost-model DIR (from safealign train-cost), or use --algorithm ppo")
+        if self.spec().cost != "none" and not self.cost_model:
+            raise BadInput(f"--algorithm {self.algorithm} needs a cost model", fix="pass --cost-model DIR (from safealign train-cost), or use --algorithm ppo (or grpo)")
         if self.model == "tiny":
             raise BadInput("ppo-lag needs a starting policy, not 'tiny'", fix="pass --model DIR (e.g. from safealign sft)")
         for key in ("max_new_tokens", "ppo_epochs", "minibatches", "episode_cost_window"):
             if getattr(self, key) < 1:
                 raise BadInput(f"config key '{key}' must be >= 1")
-        if self.batch_size % self.minibatches:
-            raise BadInput("batch_size must be divisible by minibatches")
+        algo = self.spec()
+        G = self.responses_per_prompt()
+        if self.group_size < 0:
+            raise BadInput(f"config key 'group_size' = {self.group_size} must be >= 0 (0 = the algorithm's default)")
+        from safealign.algorithms.advantages import get as estimator
+
+        if estimator(algo.advantage).groups and G < 2:
+            raise BadInput(f"--algorithm {self.algorithm} compares the responses to one prompt with each other and needs --group-size >= 2 (got {G})",
+                           fix="pass --group-size 4 (or more), or 0 for the default")
         if not 0 < self.hc_delta < 1:
             raise BadInput("config key 'hc_delta' must be in (0, 1)")
-        if self.batch_size % (self.minibatches * self.grad_accum):
-            raise BadInput(f"batch_size {self.batch_size} must be divisible by minibatches x grad_accum = {self.minibatches * self.grad_accum}")
-        if self.constraint == "hc" and self.algorithm != "ppo-lag":
-            raise BadInput(f"--constraint hc needs --algorithm ppo-lag (got {self.algorithm})")
+        if (self.batch_size * G) % (self.minibatches * self.grad_accum):
+            raise BadInput(f"batch_size x group_size = {self.batch_size * G} responses must be divisible by minibatches x grad_accum = {self.minibatches * self.grad_accum}")
+        if self.constraint == "hc" and not algo.lagrangian:
+            raise BadInput(f"--constraint hc needs a Lagrangian algorithm (ppo-lag or grpo-lag; got {self.algorithm})")
         if self.constraint == "hc" and self.hc_safety_size < 2:
             raise BadInput("config key 'hc_safety_size' must be >= 2")
         if self.max_length < self.max_new_tokens + 8:
@@ -346,7 +356,7 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
                 raise BadInput(f"config key '{key}' must be > 0")
         if not (0 <= self.gae_lambda <= 1 and 0 < self.gamma <= 1):
             raise BadInput("gamma must be in (0, 1] and gae_lambda in [0, 1]")
-        if self.algorithm == "ppo-lag":
+        if algo.lagrangian:
             if self.lambda_method == "sgd" and self.lambda_init <= 0:
                 raise BadInput(f"lambda_init must be > 0 with --lambda-method sgd (it learns log lambda), got {self.lambda_init}")
             if self.lambda_init < 0 or (self.lambda_max is not None and self.lambda_init > self.lambda_max):
@@ -354,6 +364,19 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
         if self.lora_r and (self.reward_critic or self.cost_critic):
             raise BadInput("with --lora-r the critics are LoRA adapters on the policy's base model; --reward-critic/--cost-critic apply to full fine-tuning only",
                            fix="drop --reward-critic/--cost-critic, or use --lora-r 0")
+
+    def spec(self):
+        """The algorithm's entry in safealign.rl.algorithms (roles, estimator, how the cost enters)."""
+        return ALGORITHMS[self.algorithm]
+
+    def responses_per_prompt(self) -> int:
+        return self.group_size or self.spec().group_size
+
+    def kl_in_reward(self) -> bool:
+        return (self.spec().kl if self.kl_in == "auto" else self.kl_in) == "reward"
+
+    def kl_kind(self) -> str:
+        return self.kl_estimator if self.kl_estimator != "auto" else "k1" if self.kl_in_reward() else "k3"
 
 
 @dataclass

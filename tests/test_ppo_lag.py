@@ -282,7 +282,8 @@ def test_bad_input_exit_2_writes_nothing(cli, mw, tmp_path, capsys, case):
 def test_judge_retokenizes_text_for_a_different_tokenizer(mw, tmp_path):
     """A reward model with another vocabulary is fed decoded text; here the vocabularies differ by one
     unused token, so its scores must equal those of the id path."""
-    from safealign.stages.ppo_lag import Experience, Judge
+    from safealign.rl.experience import Experience
+    from safealign.rl.roles import Judge
 
     tok = mw["tok"]
     other = tmp_path / "rm_other_tok"
@@ -316,7 +317,7 @@ def test_judge_retokenizes_text_for_a_different_tokenizer(mw, tmp_path):
 
 def test_prompts_from_prompt_column_or_preference_data(tmp_path):
     from safealign.config import PPOLagConfig
-    from safealign.stages.ppo_lag import load_prompts
+    from safealign.rl.setup import load_prompts
 
     rows = [{"prompt": "How do I cook rice"}, {"prompt": "how do i  cook RICE"}, {"prompt": ["hi", "hello", "plan a trip"]}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -364,7 +365,7 @@ def test_lora_gradient_checkpointing_recomputes_under_the_right_adapter(ptx):
     from transformers import LlamaForCausalLM
 
     from safealign.models.loading import apply_lora
-    from safealign.stages.ppo_lag import ACTOR, Learner, adapter_checkpoint_context, switch_adapter
+    from safealign.rl.roles import ACTOR, Learner, adapter_checkpoint_context, switch_adapter
 
     torch.manual_seed(0)
     cfg = LlamaForCausalLM.config_class(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,

@@ -115,6 +115,10 @@ def ensure_special_tokens(tok) -> bool:
     return bool(added)
 
 
+def count_params(model) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions: ds_numel is the full size
+
+
 def pick_dtype(choice: str):
     import torch
 

@@ -556,13 +556,13 @@ def _export(net: CrowdNet, tok, out: Path, an: dict, cfg: CostConfig) -> dict:
 def _reload_check(net: CrowdNet, out: Path, examples: list[CrowdExample], pad_id: int, device, w_score: np.ndarray) -> dict:
     """The saved cost model, reloaded with plain transformers, gives the costs the analysis computed
     (features . exported weight) and the live model's end scores."""
-    from safealign.stages.preference import verify_reload
+    from safealign.models.export import live_outputs, reload_check
 
     seqs = [e.enc.chosen for e in examples[:8]] + [e.enc.rejected for e in examples[:8]]
     ids, mask = pad(seqs, pad_id)
-    live = TokenScorer(net.model).eval()(ids.to(device), mask.to(device))[1].float().cpu()
+    live = live_outputs(TokenScorer(net.model).eval(), "score", ids, mask)
     feats, _ = _features(net, seqs, pad_id, device)
-    check = verify_reload(out, live, {"input_ids": ids, "attention_mask": mask})
+    check = reload_check(out, "score", live, ids, mask)
     check["max_abs_diff_vs_analysis"] = float(np.abs(feats @ w_score - live.numpy()).max())
     check["ok"] = bool(check.get("ok", True)) and check["max_abs_diff_vs_analysis"] < 1e-3
     return check

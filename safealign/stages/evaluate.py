@@ -66,7 +66,7 @@ def all_world_prompts(prompts: Sequence[str]) -> bool:
     """True when every prompt is one the synthetic world can generate (the oracle then applies)."""
     from safealign.data.synth import is_world_prompt
 
-    return bool(prompts) and all(is_world_prompt(p) for p in prompts)
+    return bool(prompts) and all(isinstance(p, str) and is_world_prompt(p) for p in prompts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,51 +272,23 @@ def oracle_markdown(o: dict) -> str:
 # The stage
 
 
-def _read_prompts(cfg) -> tuple[list[str], dict]:
-    from safealign.data.readers import read_rows
-    from safealign.data.records import normalize_prompt
-    from safealign.errors import BadInput
+def _read_prompts(cfg) -> tuple[list, dict]:
+    from safealign.data.prompts import read_prompts
 
-    rows = read_rows(cfg.prompts)
-    if not rows:
-        raise BadInput("the prompt file has no rows", where=cfg.prompts)
-    present = set().union(*(r.keys() for r in rows[:50]))
-    col = cfg.prompt_column
-    if col not in present:
-        raise BadInput(f"missing column '{col}' (the data has {sorted(present)})", where=cfg.prompts,
-                       fix="pass --prompt-column YOUR_COLUMN")
-    prompts, seen, dup = [], set(), 0
-    for i, row in enumerate(rows, start=1):
-        p = row.get(col)
-        if isinstance(p, list) and p and all(isinstance(t, str) for t in p):
-            p = p[-1] if len(p) == 1 else p
-        if isinstance(p, list):
-            raise BadInput(f"row {i}: multi-turn prompts are not supported by eval", where=cfg.prompts, fix="give single-turn prompts")
-        if not isinstance(p, str) or not p.strip():
-            raise BadInput(f"row {i}: column '{col}' must be a non-empty string, got {p!r}", where=cfg.prompts,
-                           fix="remove or correct the row")
-        key = normalize_prompt(p)
-        if key in seen:
-            dup += 1
-            continue
-        seen.add(key)
-        prompts.append(p)
-        if cfg.max_prompts and len(prompts) >= cfg.max_prompts:
-            break
-    return prompts, {"rows": len(rows), "duplicates_dropped": dup, "prompts": len(prompts)}
+    prompts, stats = read_prompts(cfg.prompts, column=cfg.prompt_column, max_prompts=cfg.max_prompts)
+    return prompts, {"rows": stats["rows"], "duplicates_dropped": stats["duplicates_dropped"], "prompts": len(prompts)}
 
 
 def generate(path: str, prompts: list[str], cfg, device) -> tuple[list[str], list[bool]]:
     """Sample one response per prompt (seeded: the same seed for every policy)."""
-    import torch
-
     from safealign.models.generation import decode_responses, encode_prompts, load_policy, sample
+    from safealign.runtime.seeds import seed_sampling
 
     model, tok = load_policy(path, dtype=cfg.dtype, device=device)
     ids = encode_prompts(tok, prompts, cfg.template)
-    torch.manual_seed(cfg.seed)
     texts, eos = [], []
-    for i in range(0, len(ids), cfg.batch_size):
+    for b, i in enumerate(range(0, len(ids), cfg.batch_size)):
+        seed_sampling(cfg.seed, b)
         ro = sample(model, tok, ids[i:i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
         texts += decode_responses(tok, ro)
         eos += ro.eos_hit.tolist()

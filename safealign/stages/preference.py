@@ -18,6 +18,7 @@ from safealign.data.readers import read_rows
 from safealign.data.records import fingerprint, rows_to_pairs
 from safealign.errors import BadInput
 from safealign.models.generation import pad
+from safealign.models.export import live_outputs, reload_check
 from safealign.models.loading import apply_lora, load_score_model, load_tokenizer
 from safealign.models.score import TokenScorer
 from safealign.runtime import plots, report
@@ -143,7 +144,10 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
     if not train_ex:
         raise BadInput("no training pairs left after tokenisation", where=cfg.data)
     tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64))
-    model = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward" if task == "helpful" else "cost")
+    def load_base():
+        return load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward" if task == "helpful" else "cost")
+
+    model = load_base()
     if cfg.lora_r:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="SEQ_CLS")
     if cfg.gradient_checkpointing:
@@ -176,10 +180,11 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
                         collate=lambda b: collate(b, tok.pad_token_id), loss_fn=pair_loss(cfg, task), out=out, total_steps=total,
                         evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict)
     probe = collate((eval_ex or train_ex)[:16], tok.pad_token_id)
-    live = _live_end_scores(acc, scorer, probe)  # collective: under ZeRO-3 every process takes part
-    final = _save_score_model(acc, scorer, tok, out, cfg)
+    scorer.eval()
+    live = live_outputs(scorer, "score", probe["input_ids"], probe["attention_mask"])  # collective: under ZeRO-3 every process takes part
+    final = _save_score_model(acc, scorer, tok, out, cfg, base_loader=load_base)
     if acc.is_main_process:
-        reload = verify_reload(out, live, probe)
+        reload = reload_check(out, "score", live, probe["input_ids"], probe["attention_mask"])
         counts = Counter(train_counts) + Counter(eval_counts)
         summary = {
             "stage": stage, "task": task, "model": cfg.model, "output_dir": str(out), "steps": result.total_steps,
@@ -197,44 +202,15 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
     return summary if acc.is_main_process else {}
 
 
-def _save_score_model(acc, scorer, tok, out: Path, cfg) -> dict:
+def _save_score_model(acc, scorer, tok, out: Path, cfg, base_loader) -> dict:
     """Save the HF model (merged when LoRA; the adapter under adapter/) + tokenizer, atomically."""
+    from safealign.models.export import write_model
 
     def write(tmp: Path, state: dict) -> dict:
-        model = acc.unwrap_model(scorer).model
-        if cfg.lora_r:
-            model.save_pretrained(tmp / "adapter")
-            merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-            merged.save_pretrained(tmp, safe_serialization=True)
-            return {"adapter": str(out / "adapter")}
-        model.save_pretrained(tmp, state_dict=strip_prefix(state, "model."), safe_serialization=True)
-        return {}
+        return write_model(tmp, acc.unwrap_model(scorer).model, tok, strip_prefix(state, "model."), lora=bool(cfg.lora_r),
+                           base_loader=base_loader)[0]
 
     return save_collectively(acc, scorer, tok, out, write)
-
-
-@torch.no_grad()
-def _live_end_scores(acc, scorer, batch: dict) -> torch.Tensor:
-    scorer.eval()
-    _, end, _ = scorer(batch["input_ids"].to(acc.device), batch["attention_mask"].to(acc.device))
-    return end.float().cpu()
-
-
-@torch.no_grad()
-def verify_reload(out: Path, live: torch.Tensor, batch: dict) -> dict:
-    """Reload the saved model with plain AutoModelForSequenceClassification and compare its pooled
-    logits with the end scores of the model as trained (the saved files are what was trained)."""
-    from transformers import AutoModelForSequenceClassification
-
-    if sum(f.stat().st_size for f in Path(out).glob("*.safetensors")) > 1_000_000_000:
-        return {"checked": False, "why": "weights above 1 GB: reload check skipped to save time"}
-    from safealign.models.loading import local_load
-
-    with local_load():
-        plain = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
-    ref = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float()
-    diff = float((ref - live).abs().max())
-    return {"checked": True, "sequences": len(ref), "max_abs_diff": diff, "ok": diff < 1e-4}
 
 
 def _plots(out: Path, task: str, extras: dict) -> None:

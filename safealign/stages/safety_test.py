@@ -9,7 +9,7 @@ Procedure (research/hc-rlhf.md §1.3-1.4, §2):
    ``--allow-retest`` and uses ``delta / (k + 1)`` (Bonferroni over the k + 1 tests run on the set,
    this one included). The report states k, the delta used and the union bound on the chance
    that *any* of the tests on the set passed an unsafe model: the sum of the deltas they used.
-3. Sample ``samples_per_prompt`` responses per prompt (``torch.manual_seed`` per batch index, so
+3. Sample ``samples_per_prompt`` responses per prompt (``runtime.seeds.seed_sampling`` per batch index, so
    the draw is reproducible for a given seed and batch size) and score every (prompt, response)
    with the cost model (cost > 0 = unsafe).
 4. The i.i.d. unit is the **prompt**: with several samples per prompt, the samples of one prompt
@@ -59,11 +59,11 @@ import numpy as np
 from safealign.algorithms.bounds import Bound, compute_bound, violation_rate_bound
 from safealign.config import SafetyTestConfig, to_dict
 from safealign.data.readers import read_rows
-from safealign.data.records import prompt_hash
+from safealign.data.prompts import hash_of, prompt_text, read_prompts, row_prompt
 from safealign.errors import BadInput, SafetyTestFailed
 from safealign.runtime import plots, report
 from safealign.runtime.io import PROMPT_HASHES, atomic_write_json, atomic_write_text, check_output_dir, manifest, read_prompt_hashes, write_config
-from safealign.stages.split import row_prompt, set_id
+from safealign.stages.split import set_id
 
 VALIDATION_TABLE = "bench/results/bound_validation.md"
 # Files of a saved HF model (policy or adapter) that define it: fingerprinted, and copied to release/.
@@ -155,21 +155,11 @@ def decision_settings(cfg: SafetyTestConfig) -> dict:
 # Inputs
 
 
-def load_safety_prompts(cfg: SafetyTestConfig) -> tuple[list[str], dict]:
-    """(prompts used, info): distinct on normalised text, the first ``max_prompts`` when set."""
-    rows = read_rows(cfg.prompts)
-    if not rows:
-        raise BadInput("the safety prompt file has no rows", where=cfg.prompts)
-    seen, prompts = set(), []
-    for i, row in enumerate(rows, start=1):
-        text = row_prompt(row, cfg.prompt_column, where=cfg.prompts, index=i)
-        h = prompt_hash(text)
-        if h not in seen:
-            seen.add(h)
-            prompts.append(text)
-    used = prompts[: cfg.max_prompts] if cfg.max_prompts else prompts
-    info = {"file": str(cfg.prompts), "rows": len(rows), "distinct_prompts": len(prompts),
-            "duplicates_dropped": len(rows) - len(prompts), "prompts_used": len(used), "source_set_id": set_id(seen)}
+def load_safety_prompts(cfg: SafetyTestConfig) -> tuple[list, dict]:
+    """(prompts used, info): distinct on normalised text (data.prompts), the first ``max_prompts`` when set."""
+    every, stats = read_prompts(cfg.prompts, column=cfg.prompt_column)
+    used = every[: cfg.max_prompts] if cfg.max_prompts else every
+    info = {"file": str(cfg.prompts), **stats, "prompts_used": len(used), "source_set_id": set_id(hash_of(p) for p in every)}
     return used, info
 
 
@@ -186,7 +176,7 @@ def _hashes_of(path: str) -> tuple[set[str], str]:
                            fix="give a prompt_hashes.txt written by safealign, or a data file with a 'prompt' column")
         return hashes, str(p)
     rows = read_rows(path)
-    return {prompt_hash(row_prompt(r, "prompt", where=path, index=i)) for i, r in enumerate(rows, start=1)}, str(path)
+    return {hash_of(row_prompt(r, "prompt", where=path, index=i)) for i, r in enumerate(rows, start=1)}, str(path)
 
 
 def check_disjoint(prompts: list[str], cfg: SafetyTestConfig) -> dict:
@@ -199,7 +189,7 @@ def check_disjoint(prompts: list[str], cfg: SafetyTestConfig) -> dict:
     if cfg.train_prompts:
         hashes, where = _hashes_of(cfg.train_prompts)
         sources.append(("--train-prompts", cfg.train_prompts, hashes, where))
-    by_hash = {prompt_hash(p): p for p in prompts}
+    by_hash = {hash_of(p): p for p in prompts}
     checked: dict = {}
     for role, path, hashes, where in sources:
         if where is None:
@@ -207,7 +197,7 @@ def check_disjoint(prompts: list[str], cfg: SafetyTestConfig) -> dict:
             continue
         overlap = sorted(set(by_hash) & hashes)
         if overlap:
-            example = by_hash[overlap[0]]
+            example = prompt_text(by_hash[overlap[0]])
             example = example if len(example) <= 120 else example[:117] + "..."
             raise BadInput(f"{len(overlap)} of the {len(prompts)} safety prompts appear among the prompts the {role} was trained on "
                            f"(listed in {where}), e.g. {example!r}; a test on prompts the model has seen gives no guarantee",
@@ -276,6 +266,7 @@ def sample_costs(cfg: SafetyTestConfig, prompts: list[str]) -> tuple[list[dict],
     import torch
 
     from safealign.models.generation import decode_responses, encode_prompts, load_policy, load_scorer, sample, score_texts
+    from safealign.runtime.seeds import seed_sampling
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load_policy(cfg.policy, cfg.dtype, device)
@@ -292,7 +283,7 @@ def sample_costs(cfg: SafetyTestConfig, prompts: list[str]) -> tuple[list[dict],
     t0 = time.time()
     for b, start in enumerate(range(0, len(prompts), bs)):
         idx = [i for i in range(start, min(start + bs, len(prompts))) for _ in range(S)]   # prompt of each sequence
-        torch.manual_seed(cfg.seed * 1_000_003 + b)
+        seed_sampling(cfg.seed, b)
         ro = sample(model, tok, [ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
         texts = decode_responses(tok, ro)
         no_eos += int((~ro.eos_hit).sum())
@@ -521,7 +512,7 @@ def run(cfg: SafetyTestConfig) -> dict:
         raise BadInput(f"the safety set has {len(prompts)} distinct prompt(s); a bound needs at least 2 (hundreds for a useful one)",
                        where=cfg.costs_file or cfg.prompts)
     disjoint = check_disjoint(prompts, cfg)
-    sid = set_id(prompt_hash(p) for p in prompts)
+    sid = set_id(hash_of(p) for p in prompts)
     reg = registry_path(cfg)
     settings = decision_settings(cfg)
 

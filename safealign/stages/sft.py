@@ -203,6 +203,7 @@ def lm_eval(acc, model, examples: list[EncodedSFT], pad_id: int, batch_size: int
 
 
 def run(cfg: SFTConfig) -> dict:
+    from safealign.models.export import live_outputs, reload_check
     from safealign.models.loading import apply_lora, load_causal_lm, load_tokenizer
 
     t_start = time.perf_counter()
@@ -214,8 +215,7 @@ def run(cfg: SFTConfig) -> dict:
                          vocab_size=cfg.tiny_vocab)
     train_ex, train_counts = encode_examples(tok, train_rows, cfg.template, cfg.max_length)
     eval_ex, eval_counts = encode_examples(tok, eval_rows, cfg.template, cfg.max_length)
-    tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64) + cfg.check_max_new_tokens)
-    model = load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny)
+    model = load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg))
     resized = _embeddings_resized(cfg.model, model)
     if cfg.lora_r:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="CAUSAL_LM")
@@ -244,7 +244,9 @@ def run(cfg: SFTConfig) -> dict:
                         collate=lambda b: collate(b, tok.pad_token_id), loss_fn=sft_loss, out=out, total_steps=total,
                         evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict, unit="examples")
     probe = (eval_ex or train_ex)[:8]
-    live = _live_logits(acc, model, collate(probe, tok.pad_token_id))  # collective: under ZeRO-3 every process takes part
+    pb = collate(probe, tok.pad_token_id)
+    model.eval()
+    live = live_outputs(model, "causal", pb["input_ids"], pb["attention_mask"])  # collective: under ZeRO-3 every process takes part
     final, merged = _save_policy(acc, model, tok, out, cfg, resized)
     summary: dict = {}
     if acc.is_main_process:
@@ -256,7 +258,7 @@ def run(cfg: SFTConfig) -> dict:
 
             with local_load():
                 merged = AutoModelForCausalLM.from_pretrained(str(out)).to(acc.device)
-        reload = verify_reload(out, live, probe, tok.pad_token_id)
+        reload = reload_check(out, "causal", live, pb["input_ids"], pb["attention_mask"], prompt=probe[0].ids[: probe[0].prompt_len], tok=tok)
         check = generation_check(merged, tok, eval_rows or train_rows, train_rows, cfg)
         counts = Counter(train_counts) + Counter(eval_counts)
         ev = result.evals[-1] if result.evals else {}
@@ -280,6 +282,10 @@ def run(cfg: SFTConfig) -> dict:
                            "Perplexity = exp(eval loss per response token).")
     finish(acc)
     return summary
+
+
+def _tiny(cfg: SFTConfig) -> dict:
+    return dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64) + cfg.check_max_new_tokens)
 
 
 def _headline(s: dict) -> str:
@@ -314,62 +320,30 @@ def _save_policy(acc, model, tok, out: Path, cfg, resized: bool = False) -> tupl
     (the tokenizer is saved beside the adapter). Returns (paths, the in-memory model equal to the
     saved one, on the main process).
     """
+    from safealign.models.export import write_model
+    from safealign.models.loading import load_causal_lm
+
     merged = None
 
     def write(tmp: Path, state: dict) -> dict:
         nonlocal merged
-        inner = acc.unwrap_model(model)
-        if not cfg.lora_r:
-            merged = inner
-            inner.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            return {}
-        inner.save_pretrained(tmp / "adapter", save_embedding_layers=resized)
-        tok.save_pretrained(tmp / "adapter")
-        merged = inner.merge_and_unload()
-        merged.save_pretrained(tmp, safe_serialization=True)
-        saved = {"adapter": str(out / "adapter"), "adapter_base": cfg.model}
-        if resized:
-            saved["adapter_note"] = (f"the tokenizer gained tokens ({len(tok)} in all): load the adapter on the base after "
-                                     "base.resize_token_embeddings(len(tokenizer)), or use the merged model")
+        saved, merged = write_model(tmp, acc.unwrap_model(model), tok, state, lora=bool(cfg.lora_r), save_embedding_layers=resized,
+                                    base_loader=lambda: load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg)))
+        if cfg.lora_r:
+            saved["adapter_base"] = cfg.model
+            if resized:
+                saved["adapter_note"] = (f"the tokenizer gained tokens ({len(tok)} in all): load the adapter on the base after "
+                                         "base.resize_token_embeddings(len(tokenizer)), or use the merged model")
         return saved
 
     return save_collectively(acc, model, tok, out, write), merged
 
 
 @torch.no_grad()
-def _live_logits(acc, model, batch: dict) -> torch.Tensor:
-    model.eval()
-    return model(input_ids=batch["input_ids"].to(acc.device), attention_mask=batch["attention_mask"].to(acc.device)).logits.float().cpu()
-
-
-@torch.no_grad()
-def verify_reload(out: Path, live: torch.Tensor, examples: list[EncodedSFT], pad_id: int) -> dict:
-    """Reload the saved policy with plain AutoModelForCausalLM: its logits equal ``live`` (the model as
-    trained, on ``examples``), and it generates."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from safealign.models.loading import local_load
-
-    if sum(f.stat().st_size for f in Path(out).glob("*.safetensors")) > 1_000_000_000:
-        return {"checked": False, "why": "weights above 1 GB: reload check skipped to save time"}
-    with local_load():
-        plain = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(str(out))
-    b = collate(examples, pad_id)
-    ref = plain(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-    diff = float((ref - live)[b["attention_mask"].bool()].abs().max())
-    prompt = examples[0].ids[: examples[0].prompt_len]
-    gen = plain.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                         max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    new = gen.shape[1] - len(prompt)
-    return {"checked": True, "sequences": len(examples), "max_abs_logit_diff": diff, "generated_tokens": int(new),
-            "ok": diff < 1e-3 and new > 0}
-
-
-@torch.no_grad()
 def generation_check(model, tok, prompts_from: list[SFTExample], train_rows: list[SFTExample], cfg) -> dict:
     """Sample one response (temperature 1, seeded) for a few held-out prompts; oracle scores on world prompts."""
     from safealign.models.generation import decode_responses, encode_prompts, sample
+    from safealign.runtime.seeds import seed_sampling
     from safealign.stages.evaluate import all_world_prompts, oracle_metrics
 
     if not cfg.check_prompts or model is None:
@@ -385,9 +359,9 @@ def generation_check(model, tok, prompts_from: list[SFTExample], train_rows: lis
         return {}
     model.eval()
     ids = encode_prompts(tok, prompts, cfg.template)
-    torch.manual_seed(cfg.seed)
     texts, eos = [], []
-    for i in range(0, len(ids), 32):
+    for b, i in enumerate(range(0, len(ids), 32)):
+        seed_sampling(cfg.seed, b)
         ro = sample(model, tok, ids[i:i + 32], max_new_tokens=cfg.check_max_new_tokens, temperature=1.0)
         texts += decode_responses(tok, ro)
         eos += ro.eos_hit.tolist()

@@ -24,33 +24,10 @@ import random
 
 from safealign.config import SplitConfig
 from safealign.data.readers import read_rows
-from safealign.data.records import parse_hh_dialogue, prompt_hash
+from safealign.data.prompts import hash_of, row_prompt
 from safealign.errors import BadInput
 from safealign.runtime import report
 from safealign.runtime.io import atomic_write_json, atomic_write_text, check_output_dir, manifest
-
-
-def row_prompt(row: dict, column: str, *, where: str, index: int) -> str:
-    """The prompt of one row as text (dialogue turns joined by newlines), or BadInput naming the row.
-
-    A row without ``column`` but with an hh-rlhf ``chosen`` dialogue uses the dialogue up to its
-    last assistant turn (the shared prefix that train-rm treats as the prompt).
-    """
-    if column in row:
-        value = row[column]
-        if isinstance(value, (list, tuple)) and value and all(isinstance(t, str) for t in value):
-            value = "\n".join(value)
-        if not isinstance(value, str):
-            raise BadInput(f"row {index}: column '{column}' must be text, got {type(value).__name__}", where=where)
-        if not value.strip():
-            raise BadInput(f"row {index}: column '{column}' is empty", where=where, fix="remove the row or fill in its prompt")
-        return value
-    if column == "prompt" and isinstance(row.get("chosen"), str):
-        turns = parse_hh_dialogue(row["chosen"])
-        if len(turns) >= 2 and turns[-1][0] == "assistant" and turns[0][0] == "user":
-            return "\n".join(t for _, t in turns[:-1])
-    raise BadInput(f"row {index} has no column '{column}' (it has {sorted(row)})", where=where,
-                   fix="name the prompt column with --prompt-column")
 
 
 def set_id(hashes) -> str:
@@ -75,7 +52,7 @@ def run(cfg: SplitConfig) -> dict:
     rows = read_rows(cfg.data, cfg.data_split)
     if not rows:
         raise BadInput("the data has no rows", where=cfg.data)
-    hashes = [prompt_hash(row_prompt(r, cfg.prompt_column, where=cfg.data, index=i)) for i, r in enumerate(rows, start=1)]
+    hashes = [hash_of(row_prompt(r, cfg.prompt_column, where=cfg.data, index=i)) for i, r in enumerate(rows, start=1)]
     distinct = set(hashes)
     if len(distinct) < 2:
         raise BadInput(f"only {len(distinct)} distinct prompt(s) in {len(rows)} rows: nothing to split", where=cfg.data)

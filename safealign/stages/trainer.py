@@ -35,19 +35,33 @@ class LoopResult:
     evals: list[dict] = field(default_factory=list)
 
 
-def default_lr(cfg, tiny_lr: float = 1e-3, pretrained_lr: float = 2e-5) -> float:
-    return cfg.lr if cfg.lr is not None else (tiny_lr if cfg.model == "tiny" else pretrained_lr)
+TINY_PARAMS = 10_000_000     # below this a model is trained at a from-scratch tiny model's learning rate
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with betas (0.9, 0.95) (Safe RLHF); no decay on biases and norm weights."""
+def default_lr(given: float | None, model: torch.nn.Module, lora: bool, full: float) -> float:
+    """The learning rate when none is given: 1e-3 for models under 10M parameters, 1e-4 with LoRA,
+    else ``full`` (the stage's rate for fine-tuning a pretrained model)."""
+    from safealign.models.loading import count_params
+
+    if given is not None:
+        return given
+    return 1e-3 if count_params(model) < TINY_PARAMS else 1e-4 if lora else full
+
+
+def param_groups(named_params, lr: float, weight_decay: float) -> list[dict]:
+    """AdamW groups of one learning rate: weight decay on matrices, none on biases and norm weights."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named_params:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay}, {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW with betas (0.9, 0.95) (Safe RLHF) over :func:`param_groups` groups."""
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
 def make_scheduler(optimizer, name: str, warmup_ratio: float, total_steps: int):
@@ -57,10 +71,10 @@ def make_scheduler(optimizer, name: str, warmup_ratio: float, total_steps: int):
     return get_scheduler(kind, optimizer, num_warmup_steps=int(warmup_ratio * total_steps), num_training_steps=total_steps)
 
 
-def total_steps_for(cfg, n_examples: int, world: int) -> int:
+def total_steps_for(cfg, n_examples: int, per_step: int) -> int:
+    """--max-steps, or enough steps of ``per_step`` examples for --epochs passes over ``n_examples``."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_step = cfg.batch_size * cfg.grad_accum * world
     return max(1, math.ceil(cfg.epochs * n_examples / per_step))
 
 
@@ -83,9 +97,9 @@ def prepare_training(cfg, model: torch.nn.Module, n_examples: int, out: Path, *,
 
     acc = make_accelerator(dtype=cfg.dtype, grad_accum=cfg.grad_accum, deepspeed=deepspeed, report_to=cfg.report_to,
                            project_dir=str(out), batch_size=cfg.batch_size)
-    total = total_steps_for(cfg, n_examples, acc.num_processes)
-    lr = default_lr(cfg)
-    optimizer = make_optimizer(model, lr, cfg.weight_decay)
+    total = total_steps_for(cfg, n_examples, cfg.batch_size * cfg.grad_accum * acc.num_processes)
+    lr = default_lr(cfg.lr, model, bool(cfg.lora_r), full=2e-5)
+    optimizer = make_optimizer(param_groups(model.named_parameters(), lr, cfg.weight_decay))
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, total)
     model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)
@@ -112,7 +126,8 @@ def open_run_dir(acc, cfg, out: Path, stage: str, *, cfg_dict: dict, prompts: li
 def save_collectively(acc, module: torch.nn.Module, tok, out: Path, write: Callable[[Path, dict], dict], tmp_name: str = ".tmp-model") -> dict:
     """Save a trained model into ``out`` atomically. Collective: every process calls it (under ZeRO-3
     the state dict is gathered from all of them); ``write(tmp, state)`` runs on the main process only,
-    writes the model files into the staging directory and returns what it saved besides the model."""
+    writes the model files into the staging directory and returns what it saved besides the model
+    (an ``adapter`` entry relative to the model directory)."""
     from safealign.runtime.io import staged_model_dir
 
     acc.wait_for_everyone()
@@ -122,6 +137,8 @@ def save_collectively(acc, module: torch.nn.Module, tok, out: Path, write: Calla
         with staged_model_dir(out, tmp_name=tmp_name) as tmp:
             saved.update(write(tmp, state) or {})
             tok.save_pretrained(tmp)
+        if saved.get("adapter"):
+            saved["adapter"] = str(out / saved["adapter"])
         saved["model"] = str(out)
     acc.wait_for_everyone()
     return saved

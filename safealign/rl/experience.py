@@ -1,0 +1,122 @@
+"""Rollout and scoring: what one RL step knows about its responses.
+
+``rollout`` samples G responses per prompt (rows of a group contiguous, so the group estimators of
+``algorithms.advantages`` can reshape them); ``score_experience`` fills everything the update needs
+without gradients: old log-probs and entropy of the actor, the critics' values, the reference
+log-probs, and the reward and cost of each response from the frozen judges. ``evaluate`` samples
+and scores held-out prompts (one response each, the same seeds every time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from safealign.algorithms import rl as RL
+from safealign.models.generation import decode_responses, sample
+from safealign.rl.roles import Judge, Learner, causal_logits, on_device
+from safealign.runtime.seeds import EVAL_STEP_OFFSET, seed_sampling
+
+
+@dataclass
+class Experience:
+    """One rollout batch of this process. Response tensors are [B, T], right-padded; B = prompts x G."""
+
+    prompts: list
+    seq: torch.Tensor            # [B, P+T] prompt (left-padded) + response
+    attn: torch.Tensor           # [B, P+T]
+    P: int
+    mask: torch.Tensor           # [B, T] response tokens up to and including the first EOS
+    eos_hit: torch.Tensor        # [B] bool
+    texts: list[str]
+    old_logp: torch.Tensor = None       # [B, T]
+    ref_logp: torch.Tensor = None       # [B, T]
+    entropy: torch.Tensor = None        # [B, T]
+    old_values: dict = field(default_factory=dict)   # critic name -> [B, T]
+    reward: torch.Tensor = None         # [B] reward-model end score (after --no-eos-penalty)
+    cost: torch.Tensor = None           # [B] cost-model end score (None without a cost model)
+
+    def with_eos(self, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids/mask [B, P+T+1]: responses that hit the length limit get an EOS after their last token."""
+        ids = F.pad(self.seq, (0, 1), value=pad_id)
+        mask = F.pad(self.attn, (0, 1), value=0)
+        rows = (~self.eos_hit).nonzero().squeeze(-1)                      # [B']
+        pos = self.P + self.mask.sum(dim=1)[rows]                           # first free position
+        ids[rows, pos] = eos_id
+        mask[rows, pos] = 1
+        return ids, mask
+
+
+@torch.no_grad()
+def rollout(acc, learner_u: Learner, tok, prompts: list, prompt_ids: list[list[int]], cfg, synced_gpus: bool,
+            group_size: int = 1) -> Experience:
+    """``group_size`` responses to each prompt, the responses to one prompt in consecutive rows."""
+    if group_size > 1:
+        prompts = [p for p in prompts for _ in range(group_size)]
+        prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
+    learner_u.eval()
+    with acc.autocast():
+        r = sample(learner_u.policy(), tok, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                   top_p=cfg.top_p, synced_gpus=synced_gpus)
+    return Experience(prompts, r.sequences, r.attention_mask, r.prompt_ids.shape[1], r.response_mask, r.eos_hit, decode_responses(tok, r))
+
+
+@torch.no_grad()
+def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge, cost: Judge | None, exp: Experience,
+                     cfg, chunk: int) -> None:
+    """Fill old log-probs, entropy, old values, reference log-probs, reward and cost (no grad)."""
+    learner.eval()
+    parts: dict[str, list] = {}
+    for i in range(0, exp.seq.shape[0], chunk):
+        ids, attn = exp.seq[i:i + chunk], exp.attn[i:i + chunk]
+        with acc.autocast():
+            out = learner(ids, attn, exp.P, with_entropy=True)
+            keep = ids.shape[1] - exp.P + 1
+            ref_logits = (learner_u.reference_logits(ids, attn, keep) if reference is None
+                          else causal_logits(reference, ids, attn, keep))[:, :-1]                        # [b, T, V]
+        out["ref_logp"] = RL.logprobs_from_logits(ref_logits, ids[:, exp.P:])
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.float())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    m = exp.mask.float()
+    exp.old_logp, exp.ref_logp, exp.entropy = cat["logp"] * m, cat["ref_logp"] * m, cat["entropy"] * m
+    exp.old_values = {name: cat[f"values_{name}"] * m for name in learner_u.critics}
+    with acc.autocast():
+        exp.reward = reward.score(exp, cfg.template, cfg.max_length)
+        exp.cost = cost.score(exp, cfg.template, cfg.max_length) if cost is not None else None
+    if cfg.no_eos_penalty is not None:
+        exp.reward = torch.where(exp.eos_hit, exp.reward, torch.full_like(exp.reward, cfg.no_eos_penalty))
+
+
+@torch.no_grad()
+def evaluate(acc, learner_u: Learner, tok, reward: Judge, cost: Judge | None, prompts: list, prompt_ids: list, cfg, frozen,
+             synced: bool = False) -> dict:
+    """Reward and cost of fresh samples on the held-out prompts (same seed every time), gathered."""
+    rank, world = acc.process_index, acc.num_processes
+    shard = list(range(rank, len(prompts), world))
+    n_max = -(-len(prompts) // world)
+    rows = []
+    with on_device(frozen, acc.device, cfg.offload_frozen):
+        for b, i in enumerate(range(0, n_max, cfg.batch_size)):
+            part = shard[i:i + cfg.batch_size]
+            n_real = len(part)
+            part = part + [shard[0] if shard else 0] * (min(cfg.batch_size, n_max - i) - n_real)  # equal work everywhere
+            seed_sampling(cfg.seed, EVAL_STEP_OFFSET + b, rank)
+            exp = rollout(acc, learner_u, tok, [prompts[j] for j in part], [prompt_ids[j] for j in part], cfg, synced)
+            with acc.autocast():
+                r = reward.score(exp, cfg.template, cfg.max_length)
+                c = cost.score(exp, cfg.template, cfg.max_length) if cost is not None else torch.zeros_like(r)
+            valid = (torch.arange(len(part), device=r.device) < n_real).float()
+            rows.append(torch.stack([r.float(), c.float(), exp.eos_hit.float(), exp.mask.sum(1).float(), valid], dim=1))
+    local = torch.cat(rows).to(acc.device) if rows else torch.zeros(0, 5, device=acc.device)
+    allrows = acc.gather(local)
+    allrows = allrows[allrows[:, 4] > 0].cpu()
+    if not len(allrows):
+        return {}
+    res = {"eval/reward": float(allrows[:, 0].mean()), "eval/eos_rate": float(allrows[:, 2].mean()),
+           "eval/response_length": float(allrows[:, 3].mean()), "eval/prompts": len(allrows)}
+    if cost is not None:
+        res.update({"eval/cost": float(allrows[:, 1].mean()), "eval/unsafe_rate": float((allrows[:, 1] > 0).float().mean())})
+    return res
