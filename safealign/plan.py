@@ -382,6 +382,7 @@ class Stage:
     micro_batch: int          # sequences per training forward, per device
     seq: int
     new_tokens: int = 0       # ppo-lag: max_new_tokens
+    group_size: int = 1       # ppo-lag: responses per prompt (G of the grpo algorithms)
     lora_r: int = 0
     lora_targets: str = "all-linear"
     checkpointing: bool = False
@@ -444,10 +445,11 @@ def read_stage(cfg) -> Stage:
     if cfg.stage == "ppo-lag":
         st.new_tokens = sc.max_new_tokens
         st.algorithm = sc.algorithm
+        st.group_size = sc.responses_per_prompt()
         st.reward_model, st.cost_model = sc.reward_model, sc.cost_model
         st.reward_critic, st.cost_critic = sc.reward_critic, sc.cost_critic
         div = sc.minibatches * sc.grad_accum
-        st.micro_batch = max(1, batch // div)
+        st.micro_batch = max(1, batch * st.group_size // div)
         if cfg.seq_len is None and sc.max_length < sc.max_new_tokens + 8:
             st.seq = sc.max_length + sc.max_new_tokens
             notes.append(f"the recipe's max_length {sc.max_length} leaves no room for a prompt with max_new_tokens {sc.max_new_tokens} "
@@ -507,14 +509,17 @@ def build_roles(st: Stage, dims: Dims, *, lora_r: int, dtype: str, attention: st
 
     # ppo-lag
     notes: list = []
-    critics = ["reward", "cost"] if st.algorithm == "ppo-lag" else ["reward"]
+    from safealign.rl.algorithms import ALGORITHMS
+
+    algo = ALGORITHMS[st.algorithm]
+    critics = list(algo.critics)            # ppo-lag: reward and cost critics; grpo*: none (four roles)
     rm = _aux_dims(st.reward_model, dims, "reward model", notes, st.tiny)
-    cm = _aux_dims(st.cost_model, dims, "cost model", notes, st.tiny) if st.algorithm != "ppo" else None
+    cm = _aux_dims(st.cost_model, dims, "cost model", notes, st.tiny) if algo.cost != "none" else None
     for n in notes:
         if n not in st.notes:
             st.notes.append(n)
     T = st.new_tokens
-    kv = kv_cache_bytes(dims, batch=st.batch_size, positions=st.seq, dtype=dtype)
+    kv = kv_cache_bytes(dims, batch=st.batch_size * st.group_size, positions=st.seq, dtype=dtype)
     roles: list[Role] = []
     if lora_r:
         adapter = lora_param_count(dims, lora_r, st.lora_targets)
@@ -545,7 +550,7 @@ def _rollout_bytes(st: Stage, dims: Dims, dtype: str) -> int:
     if st.stage != "ppo-lag":
         return 0
     e = 2 if dtype == "bf16" else 4
-    kv = kv_cache_bytes(dims, batch=st.batch_size, positions=st.seq, dtype=dtype)
+    kv = kv_cache_bytes(dims, batch=st.batch_size * st.group_size, positions=st.seq, dtype=dtype)
     scoring = st.batch_size * (st.new_tokens + 1) * dims.vocab * e     # logits of a no-grad log-prob pass
     return max(kv, scoring)
 

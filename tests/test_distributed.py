@@ -106,17 +106,19 @@ def test_world_size_mismatch_is_refused():
         dist.check_world(FakeAcc(), world=2)
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "zero2"])
-def test_ppo_lag_two_processes_agree_on_lambda(world, tiny_policy, tiny_rm, tiny_cm, tmp_path, launcher):
+@pytest.mark.parametrize("launcher,algorithm", [("torchrun", "ppo-lag"), ("zero2", "ppo-lag"), ("torchrun", "grpo-lag")])
+def test_rl_two_processes_agree_on_lambda(world, tiny_policy, tiny_rm, tiny_cm, tmp_path, launcher, algorithm):
     out = tmp_path / "ppo"
     if launcher == "torchrun":
         head = [BIN / "torchrun", "--nproc_per_node", "2"]
     else:
         head = [BIN / "accelerate", "launch", "--config_file", REPO / "recipes" / "accelerate" / "zero2.yaml"]
+    group = ["--group-size", "2", "--batch-size", "2"] if algorithm == "grpo-lag" else ["--batch-size", "4"]
     run([*head, "-m", "safealign", "ppo-lag", "--model", tiny_policy, "--reward-model", tiny_rm, "--cost-model", tiny_cm,
-         "--data", world / "prompts_train.jsonl", "--output-dir", out, "--max-steps", "3", "--batch-size", "4", "--max-new-tokens", "8",
-         "--threshold", "-5", "--log-steps", "1"])
+         "--data", world / "prompts_train.jsonl", "--output-dir", out, "--max-steps", "3", "--max-new-tokens", "8",
+         "--threshold", "-5", "--log-steps", "1", "--algorithm", algorithm, *group])
     report = json.loads((out / "report.json").read_text())
+    assert report["algorithm"] == algorithm
     assert report["world_size"] == 2
     assert report["ranks_in_sync"] is True  # lambda and the actor's parameters are identical on both ranks
     lam = [r["lambda"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lambda" in r]

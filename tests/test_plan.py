@@ -187,6 +187,20 @@ def test_ppo_lora_shares_one_base():
     assert sum(r.trainable for r in lora) == 3 * adapter + 2 * dims.hidden
 
 
+def test_grpo_lag_has_four_roles_and_g_times_the_rollout():
+    dims = P.resolve_dims("llama-7b")
+    ppo = P.Stage(stage="ppo-lag", model="llama-7b", batch_size=16, micro_batch=16, seq=512, new_tokens=256)
+    grpo = P.Stage(stage="ppo-lag", model="llama-7b", batch_size=16, micro_batch=16, seq=512, new_tokens=256, algorithm="grpo-lag", group_size=4)
+    roles = P.build_roles(grpo, dims, lora_r=0, dtype="bf16", attention="sdpa")
+    assert [r.name for r in roles] == ["actor", "reference", "reward model", "cost model"]
+    lm, sc = P.param_count(dims, "lm"), P.param_count(dims, "score")
+    assert sum(r.params for r in roles) == 2 * lm + 2 * sc and sum(r.trainable for r in roles) == lm
+    kv = {r.name: r.kv_cache for r in P.build_roles(ppo, dims, lora_r=0, dtype="bf16", attention="sdpa")}["actor"]
+    assert {r.name: r.kv_cache for r in roles}["actor"] == 4 * kv       # 16 prompts x G = 4 responses in the rollout
+    only = P.Stage(stage="ppo-lag", model="llama-7b", batch_size=16, micro_batch=16, seq=512, new_tokens=256, algorithm="grpo", group_size=4)
+    assert [r.name for r in P.build_roles(only, dims, lora_r=0, dtype="bf16", attention="sdpa")] == ["actor", "reference", "reward model"]
+
+
 # ---- recommendation ---------------------------------------------------------------------------------
 
 

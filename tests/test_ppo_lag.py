@@ -404,3 +404,90 @@ def test_lora_gradient_checkpointing_recomputes_under_the_right_adapter(ptx):
     for n in ref:
         assert torch.allclose(ref[n], fixed[n], atol=1e-5, rtol=1e-4), n
     assert any(not torch.allclose(ref[n], naive[n], atol=1e-5, rtol=1e-4) for n in ref), "the control should show the bug"
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO-Lagrangian: the same world, no critics, group-relative advantages
+
+
+def grpo_args(mw, out, *extra):
+    args = base_args(mw, out, "--algorithm", "grpo-lag", "--group-size", "4", *extra)
+    args[args.index("--batch-size") + 1] = "8"                      # 8 prompts x 4 responses = 32 per step
+    return args
+
+
+def test_grpo_lag_lowers_the_penalised_token_while_lambda_rises(cli, mw, tmp_path):
+    out = tmp_path / "grpo-lag"
+    assert cli(*grpo_args(mw, out, "--max-steps", "8", "--lambda-lr", "0.2")) == 0
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    lams = [1.0] + [r["lambda"] for r in rows]
+    for r, before, after in zip(rows, lams, lams[1:]):
+        assert (after > before) == (r["J_c"] > r["threshold"]), r
+    assert rows[0]["J_c"] > 0 and max(lams) > 1.0
+    assert rows[-1]["cost"] < rows[0]["cost"]
+    before, after = marker_rate(mw["policy"], mw["eval"]), marker_rate(out, mw["eval"])
+    print(f"grpo-lag marker rate {before:.3f} -> {after:.3f}; lambda {[round(x, 3) for x in lams]}")
+    assert before > 0.15 and after < 0.5 * before
+    report = json.loads((out / "report.json").read_text())
+    assert report["reload_check"]["ok"] and report["algorithm_spec"]["roles"] == ["actor", "reference", "reward model", "cost model"]
+    assert report["algorithm_spec"]["kl"] == "as a loss term" and report["algorithm_spec"]["kl_estimator"] == "k3"
+    last = rows[-1]
+    assert "train/kl_loss" in last and "group/reward_std" in last
+    assert not any(k.startswith(("train/reward_critic", "train/cost_critic")) or k.endswith("_value_mean") for k in last), "no critics"
+
+
+def test_grpo_reward_only_does_not_lower_the_penalised_token(cli, mw, tmp_path):
+    out = tmp_path / "grpo"
+    args = grpo_args(mw, out, "--max-steps", "6")
+    args[args.index("grpo-lag")] = "grpo"
+    assert cli(*args) == 0
+    rows = train_rows(out)
+    assert all(r["lambda"] == 0.0 for r in rows)
+    assert marker_rate(out, mw["eval"]) >= marker_rate(mw["policy"], mw["eval"])
+
+
+@pytest.mark.parametrize("group", ["1", "3"])
+def test_grpo_group_size_refused(cli, mw, tmp_path, capsys, group):
+    """G = 1 has no group to compare with; 8 prompts x 3 = 24 responses do not split into 2 minibatches x 5."""
+    out = tmp_path / "out"
+    args = grpo_args(mw, out, "--max-steps", "1")
+    args[args.index("--group-size") + 1] = group
+    if group == "3":
+        args[args.index("--minibatches") + 1] = "5"
+    assert cli(*args) == 2
+    err = capsys.readouterr().err
+    assert ("--group-size >= 2" in err) if group == "1" else ("divisible" in err)
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_grpo_lag_resumes_step_for_step(cli, mw, tmp_path):
+    """Killed after its checkpoint at step 2 (simulated: the run is cut at step 2 and its later rows
+    removed), --resume continues to the same lambda, costs and rewards as an uninterrupted run."""
+    import shutil
+
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    common = ["--max-steps", "4", "--save-steps", "2", "--eval-split", "0", "--lambda-lr", "0.2"]
+    assert cli(*grpo_args(mw, straight, *common)) == 0
+    assert cli(*grpo_args(mw, cut, *common)) == 0
+    # undo everything after the step-2 checkpoint: its model, report and metrics rows
+    for name in ("report.json", "report.md", "model.safetensors"):
+        (cut / name).unlink()
+    shutil.rmtree(cut / "checkpoints" / "step-00000004", ignore_errors=True)
+    rows = [line for line in (cut / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 2]
+    (cut / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    assert cli(*grpo_args(mw, cut, *common), "--resume") == 0
+    assert json.loads((cut / "report.json").read_text())["resumed_from_step"] == 2
+    for x, y in zip(train_rows(cut), train_rows(straight)):
+        for key in ("lambda", "J_c", "reward", "cost", "kl", "train/kl_loss"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (x["step"], key)
+
+
+def test_grpo_lag_lora_and_kl_in_reward(cli, mw, tmp_path):
+    out = tmp_path / "grpo-lora"
+    assert cli(*grpo_args(mw, out, "--max-steps", "2", "--lora-r", "4", "--lr", "5e-3", "--kl-in", "reward")) == 0
+    rows = train_rows(out)
+    assert rows[0]["kl"] == 0.0 and "train/kl_loss" not in rows[-1]
+    assert rows[-1]["reward_with_kl"] != rows[-1]["reward"], "the KL sits in the reward stream"
+    report = json.loads((out / "report.json").read_text())
+    assert report["reload_check"]["ok"] and report["algorithm_spec"]["kl_estimator"] == "k1"
