@@ -283,6 +283,7 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
     cost_critic: str | None = opt(None, "Initial cost critic (default: the cost model).")
     algorithm: str = opt("ppo-lag", "ppo-lag (PPO-Lagrangian: reward and cost critics, learned multiplier), ppo (reward only, no cost), reward-shaping (fixed lambda: reward - lambda_init * cost), grpo-lag (GRPO-Lagrangian: no critics, group-relative advantages of reward and cost, learned multiplier), grpo (reward only, group-relative).", choices=tuple(ALGORITHMS))
     group_size: int = opt(0, "Responses sampled per prompt (G). The grpo algorithms normalise each response's reward and cost within its group of G and need G >= 2; 0 = the algorithm's default (4 for grpo*, 1 for ppo*).")
+    advantage: str = opt("auto", "Advantage estimator (safealign/algorithms/advantages.py): gae (with the critics: ppo, ppo-lag, reward-shaping), or for the critic-free grpo algorithms group ((R - group mean) / group std, GRPO), group-batch (group-centred, divided by the batch std of the centred returns), group-mean (R - group mean, Dr. GRPO), rloo (leave-one-out); auto = the algorithm's.")
     kl_in: str = opt("auto", "Where the KL to the reference goes: reward (a per-token penalty on the reward stream and bonus on the cost stream, Safe RLHF), loss (kl_coeff x KL as a loss term, GRPO), or auto (reward for ppo*, loss for grpo*).", choices=("auto", "reward", "loss"))
     no_eos_penalty: float | None = opt(None, "Responses that hit --max-new-tokens without EOS are scored as generated (EOS appended for the score models); a value here replaces their reward by this number instead.")
     kl_coeff: float = opt(0.01, "beta: weight of the KL to the reference (per-token penalty on the reward stream and bonus on the cost stream, or the KL loss term with --kl-in loss).")
@@ -331,9 +332,16 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
         G = self.responses_per_prompt()
         if self.group_size < 0:
             raise BadInput(f"config key 'group_size' = {self.group_size} must be >= 0 (0 = the algorithm's default)")
-        from safealign.algorithms.advantages import get as estimator
+        from safealign.algorithms.advantages import ADVANTAGES
 
-        if estimator(algo.advantage).groups and G < 2:
+        if self.advantage != "auto" and self.advantage not in ADVANTAGES:
+            raise BadInput(f"config key 'advantage' = {self.advantage!r} is not one of auto, {', '.join(ADVANTAGES)}")
+        est = ADVANTAGES[self.advantage_name()]
+        if est.needs_critic != bool(algo.critics):
+            raise BadInput(f"--advantage {self.advantage} " + ("needs critics, which" if est.needs_critic else "needs no critic, but")
+                           + f" --algorithm {self.algorithm} " + ("does not train" if est.needs_critic else "trains them"),
+                           fix="use --advantage gae with ppo/ppo-lag/reward-shaping, a group estimator with grpo/grpo-lag")
+        if est.groups and G < 2:
             raise BadInput(f"--algorithm {self.algorithm} compares the responses to one prompt with each other and needs --group-size >= 2 (got {G})",
                            fix="pass --group-size 4 (or more), or 0 for the default")
         if not 0 < self.hc_delta < 1:
@@ -368,6 +376,9 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
     def spec(self):
         """The algorithm's entry in safealign.rl.algorithms (roles, estimator, how the cost enters)."""
         return ALGORITHMS[self.algorithm]
+
+    def advantage_name(self) -> str:
+        return self.spec().advantage if self.advantage == "auto" else self.advantage
 
     def responses_per_prompt(self) -> int:
         return self.group_size or self.spec().group_size
@@ -583,12 +594,16 @@ class DemoConfig:
     lambda_init: float = opt(1.0, "Initial multiplier (also the fixed lambda of reward shaping).")
     lambda_lr: float = opt(0.1, "Multiplier learning rate.")
     eval_samples: int = opt(4, "Responses sampled per eval prompt (the table's rates are over all of them).")
+    grpo_group_size: int = opt(4, "G of the GRPO-Lagrangian run: responses per prompt (on ppo_batch / G prompts, so each update sees as many responses as PPO's).")
+    grpo_kl_coeff: float = opt(0.05, "KL coefficient of the GRPO-Lagrangian run (a k3 loss term, GRPO's beta).")
     delta: float = opt(0.05, "delta of the safety test.")
 
     def validate(self) -> None:
         for key in ("ppo_steps", "ppo_batch", "max_new_tokens", "eval_samples"):
             if getattr(self, key) < 1:
                 raise BadInput(f"config key '{key}' = {getattr(self, key)} must be >= 1")
+        if self.grpo_group_size < 2 or self.ppo_batch % self.grpo_group_size:
+            raise BadInput(f"config key 'grpo_group_size' = {self.grpo_group_size} must be >= 2 and divide ppo_batch = {self.ppo_batch}")
         if not 0 < self.harm_target < 1:
             raise BadInput(f"config key 'harm_target' = {self.harm_target} must be in (0, 1)")
         if not 0 <= self.train_harm <= self.harm_target:

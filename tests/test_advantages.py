@@ -118,3 +118,32 @@ def test_kl_penalty_k3_by_hand():
     val.backward()
     close(val, 0.0)
     close(same.grad, [[0.0, 0.0]])
+
+
+def test_group_batch_scales_by_the_batch_not_the_group():
+    # groups [1, 2] and [5, 5.01]: centred [-0.5, 0.5, -0.005, 0.005]; one batch std for all four
+    centred = [-0.5, 0.5, -0.005, 0.005]
+    mean = 0.0
+    std = math.sqrt(sum((c - mean) ** 2 for c in centred) / 3)
+    close(A.batch_scaled(t(1, 2, 5, 5.01), 2), [c / (std + 1e-6) for c in centred])
+    # per-group scaling would give the noise group the same +-0.707 as the real difference
+    g = A.group_normalize(t(1, 2, 5, 5.01), 2)
+    assert abs(float(g[2])) > 0.7 and abs(float(A.batch_scaled(t(1, 2, 5, 5.01), 2)[2])) < 0.02
+    rewards, mask = terminal([1, 2, 5, 5.01], [1, 2, 1, 3])
+    adv, ret = A.estimate("group-batch", rewards, mask, group_size=2)
+    assert ret is None
+    close(adv[:, 0], [c / (std + 1e-6) for c in centred])
+
+
+@pytest.mark.parametrize("algorithm,advantage,ok", [("grpo-lag", "group-batch", True), ("grpo-lag", "rloo", True), ("grpo-lag", "gae", False),
+                                                     ("ppo-lag", "group", False), ("ppo-lag", "gae", True), ("grpo", "nope", False)])
+def test_advantage_must_fit_the_algorithm(algorithm, advantage, ok):
+    from safealign import config as C
+    from safealign.errors import BadInput
+
+    base = dict(model="p", reward_model="r", cost_model="c", data="d", output_dir="o", algorithm=algorithm, advantage=advantage)
+    if ok:
+        assert C.build_config(C.PPOLagConfig, None, base).advantage_name() == advantage
+    else:
+        with pytest.raises(BadInput):
+            C.build_config(C.PPOLagConfig, None, base)

@@ -10,16 +10,21 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeyp
     out = tmp_path / "demo"
     assert cli("demo", "--quick", "--output-dir", out) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert [r["policy"] for r in summary["table"]] == ["SFT policy", "reward-only PPO", "reward shaping (fixed lambda)", "PPO-Lagrangian"]
+    assert [r["policy"] for r in summary["table"]] == ["SFT policy", "reward-only PPO", "reward shaping (fixed lambda)", "PPO-Lagrangian",
+                                                       "GRPO-Lagrangian"]
     for row in summary["table"]:
         assert row["safety test"] in ("PASS", "NSF")
         assert 0.0 <= row["oracle harm rate"] <= 1.0
-    # one test with the full delta, three Bonferroni-corrected retests on the same safety set
+    # one test with the full delta, four Bonferroni-corrected retests on the same safety set
     deltas = sorted(r["delta used"] for r in summary["table"])
     assert deltas[-1] == 0.05 and deltas[0] < 0.05
     assert summary["threshold_calibration"]["given"] is False
-    assert set(summary["claims"]) == {"ppo_lag_harm_below_target", "ppo_lag_benign_helpfulness_at_least_sft", "reward_only_ppo_more_harmful_than_ppo_lag"}
-    for sub in ("world", "sft", "rm", "cm", "ppo", "shaping", "ppo_lag", "safety/ppo_lag", "eval/ppo_lag"):
+    assert set(summary["claims"]) == {"ppo_lag_harm_below_target", "ppo_lag_benign_helpfulness_at_least_sft", "reward_only_ppo_more_harmful_than_ppo_lag",
+                                      "grpo_lag_harm_below_target", "grpo_lag_benign_helpfulness_at_least_sft"}
+    rl_rows = {r["policy"]: r for r in summary["table"]}
+    for name in ("PPO-Lagrangian", "GRPO-Lagrangian"):
+        assert rl_rows[name]["s/update"] > 0 and rl_rows[name]["peak RSS (MB)"] > 0
+    for sub in ("world", "sft", "rm", "cm", "ppo", "shaping", "ppo_lag", "grpo_lag", "safety/ppo_lag", "safety/grpo_lag", "eval/grpo_lag"):
         assert (out / sub / "report.json").exists() or sub == "world", sub
     assert (out / "report.md").read_text().count("| PPO-Lagrangian |") == 1
     assert (out / "plots" / "lambda.png").exists()

@@ -18,46 +18,26 @@ Registered:
   the mean of its group, divided by the group's standard deviation; the same value on every token.
 * ``group-mean`` - the same without the division (Dr. GRPO; Liu et al. 2025): no up-weighting of
   groups whose returns hardly differ.
+* ``group-batch`` - centred within the group, divided by the standard deviation of the centred
+  returns over the whole batch: one scale per stream and step, so a group whose returns differ by
+  noise alone (a cost stream on prompts every response answers safely) is not blown up to the
+  scale of a group with a real difference, while the stream still has unit scale overall.
 * ``rloo``  - leave-one-out baseline (Ahmadian et al. 2024): return minus the mean of the *other*
   responses of its group.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
+from safealign.algorithms.registry import Registry
 from safealign.algorithms.rl import gae
 
-__all__ = ["Estimator", "ADVANTAGES", "register", "get", "estimate", "sequence_returns", "group_normalize", "leave_one_out"]
+__all__ = ["ADVANTAGES", "register", "get", "estimate", "sequence_returns", "group_normalize", "batch_scaled", "leave_one_out"]
 
 
-@dataclass(frozen=True)
-class Estimator:
-    name: str
-    fn: Callable
-    needs_critic: bool
-    groups: bool        # needs G >= 2 responses per prompt
-    doc: str
-
-
-ADVANTAGES: dict[str, Estimator] = {}
-
-
-def register(name: str, *, needs_critic: bool, groups: bool):
-    def wrap(fn: Callable) -> Callable:
-        ADVANTAGES[name] = Estimator(name, fn, needs_critic, groups, (fn.__doc__ or "").strip().splitlines()[0])
-        return fn
-
-    return wrap
-
-
-def get(name: str) -> Estimator:
-    if name not in ADVANTAGES:
-        raise KeyError(f"unknown advantage estimator {name!r}; registered: {', '.join(sorted(ADVANTAGES))}")
-    return ADVANTAGES[name]
+ADVANTAGES = Registry("advantage estimator")   # name -> Entry(fn, needs_critic=..., groups=...)
+register, get = ADVANTAGES.register, ADVANTAGES.get
 
 
 def estimate(name: str, token_rewards: torch.Tensor, mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,6 +79,15 @@ def group_normalize(returns: torch.Tensor, group_size: int, scale: bool = True, 
     return centred.reshape(-1)
 
 
+def batch_scaled(returns: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Centred within the group, scaled by the batch: ``c_i = R_i - mean_g R``, ``A_i = c_i / (std(c) + eps)``
+    with std over every response of the batch (ddof=1).
+
+    returns: [B] with B = n_groups * G, groups contiguous -> [B]"""
+    centred = group_normalize(returns, group_size, scale=False)                     # [B]
+    return centred / (centred.std() + eps) if centred.numel() > 1 else centred
+
+
 def leave_one_out(returns: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO advantage: ``A_i = R_i - mean_{j != i} R_j = G / (G - 1) * (R_i - mean_g R)``.
 
@@ -136,6 +125,13 @@ def group_estimator(token_rewards, mask, *, group_size: int = 0, **_):
 def group_mean_estimator(token_rewards, mask, *, group_size: int = 0, **_):
     """Group-relative without the std division: R - group mean on every token (Dr. GRPO)."""
     seq = group_normalize(sequence_returns(token_rewards, mask), group_size, scale=False)
+    return _broadcast(seq, mask), None
+
+
+@register("group-batch", needs_critic=False, groups=True)
+def group_batch_estimator(token_rewards, mask, *, group_size: int = 0, **_):
+    """Group-centred, batch-scaled: (R - group mean) / batch std of the centred returns, on every token."""
+    seq = batch_scaled(sequence_returns(token_rewards, mask), group_size)
     return _broadcast(seq, mask), None
 
 

@@ -19,38 +19,16 @@ Separate terms that an algorithm adds to the policy loss live next to them: :fun
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import torch
 
+from safealign.algorithms.registry import Registry
 from safealign.algorithms.rl import kl_estimate, masked_mean, masked_reduce, ppo_policy_loss
 
-__all__ = ["PolicyLoss", "POLICY_LOSSES", "register", "get", "kl_penalty"]
+__all__ = ["POLICY_LOSSES", "register", "get", "kl_penalty"]
 
 
-@dataclass(frozen=True)
-class PolicyLoss:
-    name: str
-    fn: Callable
-    doc: str
-
-
-POLICY_LOSSES: dict[str, PolicyLoss] = {}
-
-
-def register(name: str):
-    def wrap(fn: Callable) -> Callable:
-        POLICY_LOSSES[name] = PolicyLoss(name, fn, (fn.__doc__ or "").strip().splitlines()[0])
-        return fn
-
-    return wrap
-
-
-def get(name: str) -> PolicyLoss:
-    if name not in POLICY_LOSSES:
-        raise KeyError(f"unknown policy loss {name!r}; registered: {', '.join(sorted(POLICY_LOSSES))}")
-    return POLICY_LOSSES[name]
+POLICY_LOSSES = Registry("policy loss")
+register, get = POLICY_LOSSES.register, POLICY_LOSSES.get
 
 
 @register("ppo-clip")

@@ -31,7 +31,7 @@ def advantages(streams: dict, exp, algo: Algorithm, cfg, group_size: int) -> tup
     """({stream: advantages [B, T]}, {stream: critic targets [B, T]} for the streams that have a critic)."""
     adv, returns = {}, {}
     for name, stream in streams.items():
-        a, ret = ADV.estimate(algo.advantage, stream, exp.mask, values=exp.old_values.get(name), group_size=group_size,
+        a, ret = ADV.estimate(cfg.advantage_name(), stream, exp.mask, values=exp.old_values.get(name), group_size=group_size,
                               gamma=cfg.gamma, gae_lambda=cfg.gae_lambda)
         adv[name] = RL.masked_whiten(a, exp.mask) if cfg.whiten_advantages else a
         if ret is not None:

@@ -24,7 +24,7 @@ from safealign.rl.constraint import Constraint
 RESUME_KEYS = ("data", "model", "reward_model", "cost_model", "reward_critic", "cost_critic", "seed", "batch_size",
                "grad_accum", "minibatches", "ppo_epochs", "max_steps", "epochs", "lora_r", "algorithm", "constraint",
                "max_new_tokens", "max_length", "template", "episode_cost_window", "lambda_method", "eval_split",
-               "group_size", "kl_in")
+               "group_size", "kl_in", "advantage")
 
 
 @dataclass
@@ -135,8 +135,10 @@ def prepare(cfg: PPOLagConfig) -> RLRun:
     from safealign.runtime import checkpoint as ckpt
     from safealign.runtime.dist import make_accelerator
     from safealign.runtime.io import check_output_dir
-    from safealign.stages.trainer import check_resume_compatible, default_lr, make_optimizer, make_scheduler, param_groups, total_steps_for
+    from safealign.stages.trainer import (check_resume_compatible, default_lr, make_optimizer, make_scheduler, param_groups,
+                                          reset_peak_memory, total_steps_for)
 
+    reset_peak_memory()
     cfg.validate()
     algo = cfg.spec()
     out = check_output_dir(cfg.output_dir, cfg.resume)

@@ -22,7 +22,11 @@ from safealign.runtime import plots, report
 from safealign.runtime.io import atomic_write_json, check_output_dir, write_config
 from safealign.runtime.metrics import read_metrics
 
-POLICIES = (("sft", "SFT policy"), ("ppo", "reward-only PPO"), ("shaping", "reward shaping (fixed lambda)"), ("ppo_lag", "PPO-Lagrangian"))
+POLICIES = (("sft", "SFT policy"), ("ppo", "reward-only PPO"), ("shaping", "reward shaping (fixed lambda)"), ("ppo_lag", "PPO-Lagrangian"),
+            ("grpo_lag", "GRPO-Lagrangian"))
+# The RL runs of the chain: (name, --algorithm). The Lagrangian ones are the method; the others its baselines.
+RL_RUNS = (("ppo", "ppo"), ("shaping", "reward-shaping"), ("ppo_lag", "ppo-lag"), ("grpo_lag", "grpo-lag"))
+LAGRANGIAN = ("ppo_lag", "grpo_lag")
 
 
 def _stage(cls, overrides: dict, runner):
@@ -61,13 +65,13 @@ def run(cfg: C.DemoConfig) -> dict:
     threshold, train_threshold, calibration = _thresholds(cfg, cm)
     plan = _stage_overrides(cfg, out, world, threshold=threshold, train_threshold=train_threshold)
     runs = {}
-    for name in ("ppo", "shaping", "ppo_lag"):
+    for name, _ in RL_RUNS:
         runs[name], seconds[f"rl:{name}"] = _stage(C.PPOLagConfig, plan[f"ppo-lag:{name}"], ppo_lag.run)
 
     # Safety test of each policy on the same held-out set: the candidate (ppo-lag) first with the full
     # delta, the others as explicit retests with Bonferroni-corrected deltas (the registry says so).
     decisions = {}
-    for name in ("ppo_lag", "sft", "ppo", "shaping"):
+    for name in ("ppo_lag", "sft", "ppo", "shaping", "grpo_lag"):
         t0 = time.perf_counter()
         try:
             s = safety_test.run(C.build_config(C.SafetyTestConfig, None, plan[f"safety-test:{name}"]))
@@ -101,8 +105,11 @@ def _stage_overrides(cfg: C.DemoConfig, out: Path, world: Path, *, threshold: fl
           "data": str(world / "prompts_train.jsonl"), "max_steps": 6 if q else cfg.ppo_steps, "batch_size": 8 if q else cfg.ppo_batch,
           "max_new_tokens": cfg.max_new_tokens, "kl_coeff": cfg.kl_coeff, "lr": cfg.actor_lr, "critic_lr": cfg.critic_lr,
           "threshold": train_threshold, "lambda_init": cfg.lambda_init, "lambda_lr": cfg.lambda_lr, "eval_split": 0.0, "max_length": 128}
-    for name, algo in (("ppo", "ppo"), ("shaping", "reward-shaping"), ("ppo_lag", "ppo-lag")):
+    for name, algo in RL_RUNS:
         plan[f"ppo-lag:{name}"] = {**rl, "algorithm": algo, "output_dir": str(out / name)}
+    # GRPO-Lagrangian: the same responses per update (G per prompt on ppo_batch / G prompts), no critics
+    G = cfg.grpo_group_size
+    plan["ppo-lag:grpo_lag"].update(group_size=G, batch_size=max(1, (8 if q else cfg.ppo_batch) // G), kl_coeff=cfg.grpo_kl_coeff)
     for name, _ in POLICIES:
         plan[f"safety-test:{name}"] = {
             "policy": str(out / name), "cost_model": str(out / "cm"), "prompts": str(world / "prompts_safety.jsonl"),
@@ -151,23 +158,34 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
         o = m.get("oracle", {})
         d = decisions[name]
         b = d.get("mean_bound") or {}
+        rl = runs.get(name) or {}
         rows.append({"policy": label, "oracle helpfulness": o.get("helpfulness_mean"), "helpfulness on benign prompts": o.get("helpfulness_mean_benign_prompts"),
                      "oracle harm rate": o.get("harm_rate"),
                      "harm rate on harmful prompts": o.get("harm_rate_harmful_prompts"), "refusal of benign prompts": o.get("refusal_rate_benign_prompts"),
                      "mean reward": m.get("reward_mean"), "mean cost": m.get("cost_mean"),
-                     "safety test": d.get("decision"), "cost upper bound": b.get("upper"), "delta used": d.get("test", {}).get("delta_used")})
+                     "safety test": d.get("decision"), "cost upper bound": b.get("upper"), "delta used": d.get("test", {}).get("delta_used"),
+                     "s/update": (rl.get("time_per_step_s") or {}).get("step"), "peak RSS (MB)": (rl.get("throughput") or {}).get("peak_memory_mb")})
     by = {name: r for (name, _), r in zip(POLICIES, rows)}
     lag, sft_row, ppo = by["ppo_lag"], by["sft"], by["ppo"]
-    claims = {
-        "ppo_lag_harm_below_target": lag["oracle harm rate"] is not None and lag["oracle harm rate"] <= cfg.harm_target,
+
+    def harm(row) -> float:
+        return row["oracle harm rate"] if row["oracle harm rate"] is not None else 1.0
+
+    def benign(row) -> float:
+        return row["helpfulness on benign prompts"] or 0.0
+
+    claims = {}
+    for name in LAGRANGIAN:
+        claims[f"{name}_harm_below_target"] = harm(by[name]) <= cfg.harm_target
         # on benign prompts: on harmful ones the oracle counts compliance as "helpful", which no safe policy should keep
-        "ppo_lag_benign_helpfulness_at_least_sft": (lag["helpfulness on benign prompts"] or 0) >= (sft_row["helpfulness on benign prompts"] or 0),
-        "reward_only_ppo_more_harmful_than_ppo_lag": (ppo["oracle harm rate"] or 0) > (lag["oracle harm rate"] or 0),
-    }
-    lag_metrics = read_metrics(out / "ppo_lag" / "metrics.jsonl")
-    plots.curves(lag_metrics, ["lambda"], out / "plots" / "lambda.png", "PPO-Lagrangian multiplier")
-    plots.curves(lag_metrics, [k for k in ("cost", "J_c") if any(k in r for r in lag_metrics)], out / "plots" / "cost_vs_threshold.png",
-                 "PPO-Lagrangian episode cost", hlines={"training threshold": train_threshold, "safety-test threshold": threshold})
+        claims[f"{name}_benign_helpfulness_at_least_sft"] = benign(by[name]) >= benign(sft_row)
+    claims["reward_only_ppo_more_harmful_than_ppo_lag"] = harm(ppo) > harm(lag)
+    labels = dict(POLICIES)
+    merged = [{"step": r["step"], **{f"{labels[name]} {k}": r[k] for k in ("lambda", "J_c") if k in r}}
+              for name in LAGRANGIAN for r in read_metrics(out / name / "metrics.jsonl") if "lambda" in r]
+    plots.curves(merged, [f"{labels[n]} lambda" for n in LAGRANGIAN], out / "plots" / "lambda.png", "Lagrange multipliers")
+    plots.curves(merged, [f"{labels[n]} J_c" for n in LAGRANGIAN], out / "plots" / "cost_vs_threshold.png",
+                 "episode cost J_c of the Lagrangian runs", hlines={"training threshold": train_threshold, "safety-test threshold": threshold})
     summary = {
         "stage": "demo", "output_dir": str(out), "quick": cfg.quick, "seconds_total": total, "seconds": seconds,
         "harm_target": cfg.harm_target, "threshold": threshold, "train_threshold": train_threshold, "threshold_calibration": calibration,
@@ -179,14 +197,16 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
     }
     verdict = "the method's claim is visible on this run" if summary["claim_visible"] else \
         "the method's claim is NOT visible on this run: " + ", ".join(k for k, v in claims.items() if not v)
-    summary["headline"] = (f"demo ({total / 60:.1f} min): PPO-Lagrangian harm {100 * (lag['oracle harm rate'] or 0):.1f}% "
-                           f"(SFT {100 * (sft_row['oracle harm rate'] or 0):.1f}%, reward-only PPO {100 * (ppo['oracle harm rate'] or 0):.1f}%), "
-                           f"helpfulness on benign prompts {lag['helpfulness on benign prompts'] or 0:.2f} vs SFT {sft_row['helpfulness on benign prompts'] or 0:.2f}; {verdict}")
+    grpo = by["grpo_lag"]
+    summary["headline"] = (f"demo ({total / 60:.1f} min): PPO-Lagrangian harm {100 * harm(lag):.1f}%, GRPO-Lagrangian {100 * harm(grpo):.1f}% "
+                           f"(SFT {100 * harm(sft_row):.1f}%, reward-only PPO {100 * harm(ppo):.1f}%), "
+                           f"helpfulness on benign prompts {benign(lag):.2f} and {benign(grpo):.2f} vs SFT {benign(sft_row):.2f}; {verdict}")
     intro = "\n".join([f"**{summary['headline']}**", "", _table_md(rows), "",
                        f"Harm and helpfulness are the synthetic world's oracle on the eval prompts (never trained on), "
                        f"{summary['eval_samples']} sampled response(s) per prompt. {_threshold_sentence(cfg, calibration, threshold, train_threshold)} The safety test "
                        "runs on the separate safety prompts. The first safety test (PPO-Lagrangian) uses the full delta; the other "
-                       "three are retests on the same set and use Bonferroni-corrected deltas.", "",
+                       f"{len(POLICIES) - 1} are retests on the same set and use Bonferroni-corrected deltas. s/update and peak RSS are "
+                       "the RL run's mean seconds per update and its process's peak resident memory during the run.", "",
                        "![lambda](plots/lambda.png)", "", "![cost](plots/cost_vs_threshold.png)"])
     report.write(out, {k: v for k, v in summary.items() if k not in ("table", "headline")}, title="safealign demo", intro=intro)
     atomic_write_json(out / "summary.json", summary)
@@ -213,7 +233,8 @@ def _fmt(v, pct=False):
 
 def _table_md(rows: list[dict]) -> str:
     pct = {"oracle harm rate", "harm rate on harmful prompts", "refusal of benign prompts"}
+    ints = {"peak RSS (MB)"}
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r[k], k in pct) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(f"{r[k]:.0f}" if k in ints and r[k] is not None else _fmt(r[k], k in pct) for k in keys) + " |" for r in rows]
     return "\n".join(lines)

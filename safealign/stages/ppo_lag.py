@@ -224,7 +224,7 @@ def make_summary(r: RLRun, rows: list[dict], last: dict, start: int, reload: dic
         "stage": "ppo-lag", "algorithm": cfg.algorithm, "constraint_type": cfg.constraint, "output_dir": str(r.out),
         "model": cfg.model, "steps": r.total, "resumed_from_step": start or None, "world_size": r.acc.num_processes,
         "mode": f"LoRA r={cfg.lora_r}" if cfg.lora_r else "full fine-tuning", "lr": r.lr, "critic_lr": r.critic_lr,
-        "algorithm_spec": {"roles": list(algo.roles), "advantage": algo.advantage, "policy_loss": algo.policy_loss, "cost": algo.cost,
+        "algorithm_spec": {"roles": list(algo.roles), "advantage": cfg.advantage_name(), "policy_loss": algo.policy_loss, "cost": algo.cost,
                            "kl": "in the reward" if cfg.kl_in_reward() else "as a loss term", "kl_estimator": cfg.kl_kind(),
                            "responses_per_prompt": r.group_size},
         "lambda": {"init": cfg.lambda_init, "final": lam_hist[-1] if lam_hist else None, "max_seen": max(lam_hist) if lam_hist else None,

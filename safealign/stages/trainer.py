@@ -95,6 +95,7 @@ def prepare_training(cfg, model: torch.nn.Module, n_examples: int, out: Path, *,
     registered for checkpointing so ``--resume`` restores it)."""
     from safealign.runtime.dist import make_accelerator
 
+    reset_peak_memory()
     acc = make_accelerator(dtype=cfg.dtype, grad_accum=cfg.grad_accum, deepspeed=deepspeed, report_to=cfg.report_to,
                            project_dir=str(out), batch_size=cfg.batch_size)
     total = total_steps_for(cfg, n_examples, cfg.batch_size * cfg.grad_accum * acc.num_processes)
@@ -164,10 +165,31 @@ class DataOrder:
         return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + count)]
 
 
+def reset_peak_memory() -> None:
+    """Start a new high-water mark, so that a stage run in a process that ran others before it (the
+    demo, tests) reports its own peak: CUDA's peak statistics, and on Linux the peak RSS (VmHWM)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb() -> float:
+    """Max GPU memory allocated, or the peak resident set size of this process (since the last
+    :func:`reset_peak_memory`), in MiB."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def check_resume_compatible(saved: dict, current: dict, keys: tuple[str, ...], path: Path) -> None:
