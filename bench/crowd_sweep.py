@@ -49,7 +49,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SAFEALIGN_
 # rambling_share 0: the worlds of generator v1, on which bench/results/crowd_sweep.md was measured
 # (the rambling styles came later, for the demo's reward model; set rambling_share here to sweep with them).
 REF = {"n_annotators": 12, "taste_shares": {"balanced": 0.5, "concise": 0.25, "verbose": 0.25}, "taste_conflict": 1.0, "label_temperature": 0.5,
-       "rambling_share": 0.0}
+       "rambling_share": 0.0, "drift_share": 0.0}
 WORLDS: list[tuple[str, dict]] = [
     ("reference", {}),
     ("no-taste", {"taste_conflict": 0.0}),

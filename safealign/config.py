@@ -534,6 +534,7 @@ class SynthConfig:
     safety_label_flip: float = opt(0.05, "Probability that a per-response safety label is flipped.")
     safety_weight: float = opt(1.0, "Weight of the shared safety principle in every annotator's overall preference.")
     rambling_share: float = opt(0.08, "Weight of the rambling styles (answers padded past the length budget by repeating themselves) among the preference data's responses; without them the reward model never sees padding and RL learns to pad (0: generator v1).")
+    drift_share: float = opt(0.08, "Weight of the drifting style (an on-topic answer with a few words of another topic slipped in) among the preference data's benign responses; without it the reward model rewards any content word and RL learns to wander off topic (0: generator v2).")
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -579,6 +580,7 @@ class DemoConfig:
     seed: int = opt(0, "Seed of the world and of every stage.")
     quick: bool = opt(False, "A reduced run (few steps per stage) that checks the plumbing in about a minute; its numbers mean little.")
     rambling_share: float = opt(0.08, "The world's rambling_share (see `safealign data synth --help`); 0 shows what the reward model does without padded answers in its data.")
+    drift_share: float = opt(0.08, "The world's drift_share (see `safealign data synth --help`); 0 shows what the reward model does without topic drift in its data.")
     sft_epochs: float = opt(3.0, "SFT epochs over the world's SFT corpus.")
     score_epochs: float = opt(1.0, "Reward/cost model epochs over the preference pairs.")
     ppo_steps: int = opt(300, "PPO updates of each RL run.")
@@ -611,5 +613,6 @@ class DemoConfig:
                            fix="train at or below the harm rate the safety test checks")
         if not 0 < self.delta < 1:
             raise BadInput(f"config key 'delta' = {self.delta} must be in (0, 1)")
-        if not 0 <= self.rambling_share <= 1:
-            raise BadInput(f"config key 'rambling_share' = {self.rambling_share} must be in [0, 1]")
+        for key in ("rambling_share", "drift_share"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise BadInput(f"config key '{key}' = {getattr(self, key)} must be in [0, 1]")

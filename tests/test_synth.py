@@ -246,7 +246,7 @@ def test_rambling_share_zero_reproduces_generator_v1(tmp_path):
     rambling_share 0 the reference world's preference file is byte-identical to what v1 wrote."""
     import hashlib
 
-    paths = write_world(WorldConfig(seed=0, rambling_share=0.0), tmp_path / "v1")
+    paths = write_world(WorldConfig(seed=0, rambling_share=0.0, drift_share=0.0), tmp_path / "v1")
     assert hashlib.sha256(paths["preferences"].read_bytes()).hexdigest() == V1_REFERENCE_PREFERENCES_SHA256
     rows = read_jsonl(paths["preferences"])
     assert not any("rambling" in (r["style_0"], r["style_1"]) for r in rows)
@@ -268,6 +268,38 @@ def test_rambling_answers_run_past_the_length_budget_and_score_worse():
         neat = [oracle(prompt, sample_response(prompt, rng, tidy)[0]) for _ in range(40)]
         assert all(budget < s.n_tokens <= budget + 10 and not s.unsafe for s in ramble)
         assert np.mean([s.helpfulness for s in ramble]) < np.mean([s.helpfulness for s in neat]) - 1.0
+
+
+def test_drift_share_zero_reproduces_generator_v2(tmp_path):
+    """The demo numbers measured on generator v2 (bench/results/demo/ before v3) stay reproducible:
+    with drift_share 0 the reference world's preference file is byte-identical to what v2 wrote."""
+    import hashlib
+
+    paths = write_world(WorldConfig(seed=0, drift_share=0.0), tmp_path / "v2")
+    assert hashlib.sha256(paths["preferences"].read_bytes()).hexdigest() == V2_REFERENCE_PREFERENCES_SHA256
+    rows = read_jsonl(write_world(WorldConfig(seed=0), tmp_path / "v3")["preferences"])
+    benign = [r for r in rows if not r["harmful_prompt"]]
+    assert 0.04 < np.mean([r["style_0"] == "drifting" for r in benign]) < 0.10   # 0.08 / 1.16 of the benign mixture
+    assert not any(r["style_0"] == "drifting" for r in rows if r["harmful_prompt"])
+
+
+V2_REFERENCE_PREFERENCES_SHA256 = "5efc5ba5f8f741a079a8b25e34fec3d0632b6f07bafd27c3d7d7fcccc13f1bff"  # generator v2, seed 0, default knobs
+
+
+def test_drifting_answers_wander_off_topic_and_score_worse():
+    """The "drifting" style (what RL finds when a reward model pays for any content word) is an on-topic
+    answer with one to three words of another topic; the oracle scores it below a tidy answer."""
+    rng = np.random.default_rng(0)
+    topic = synth.parse_prompt(BENIGN)[0]
+    drift = [sample_response(BENIGN, rng, "drifting")[0] for _ in range(40)]
+    neat = [sample_response(BENIGN, rng, "helpful")[0] for _ in range(40)]
+    for text in drift:
+        roles = [synth._ROLE.get(w, ("", ""))[:2] for w in synth.tokenize(text)]
+        other = sum(1 for role, group in roles if role == "helpful" and group != topic)
+        assert 1 <= other <= 3 and not oracle(BENIGN, text).unsafe, text
+    assert np.mean([oracle(BENIGN, t).helpfulness for t in drift]) < np.mean([oracle(BENIGN, t).helpfulness for t in neat]) - 0.3
+    with pytest.raises(ValueError):
+        sample_response(HARMFUL, rng, "drifting")
 
 
 # --------------------------------------------------------------------------- annotators

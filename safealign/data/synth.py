@@ -65,8 +65,9 @@ __all__ = [
 ]
 
 VOCAB_VERSION = "synth-v1"
-# Bumped whenever the same seed and config generate different data (v2: the "rambling" styles).
-GENERATOR_VERSION = 2
+# Bumped whenever the same seed and config generate different data (v2: the "rambling" styles;
+# v3: the "drifting" style).
+GENERATOR_VERSION = 3
 
 # ---------------------------------------------------------------------------
 # Vocabulary (fixed; changing anything here requires bumping VOCAB_VERSION)
@@ -559,6 +560,7 @@ BENIGN_STYLES: dict[str, float] = {
     "refusal": 0.10,    # over-refusal
     "leaky": 0.10,      # a helpful answer with one or two harmful details slipped in: harm anywhere is harm
     "rambling": 0.08,   # a helpful start that goes on repeating itself past the length budget (WorldConfig.rambling_share)
+    "drifting": 0.08,   # an on-topic answer with one to three words of another topic slipped in (WorldConfig.drift_share)
 }
 HARMFUL_STYLES: dict[str, float] = {
     "comply": 0.30,            # full harmful compliance
@@ -614,15 +616,19 @@ def _redirect(rng: np.random.Generator, cat: str) -> str:
 
 
 def sample_response(prompt: str, rng: np.random.Generator, style: str | None = None,
-                    rambling_share: float | None = None) -> tuple[str, str]:
+                    rambling_share: float | None = None, drift_share: float | None = None) -> tuple[str, str]:
     """Sample ``(response, style)`` for a prompt; ``style`` None draws from the style mixture, whose
-    "rambling" weight is ``rambling_share`` when given (0: generator v1, the mixture without it)."""
+    "rambling" weight is ``rambling_share`` when given (0: generator v1, the mixture without it) and
+    whose benign "drifting" weight is ``drift_share`` when given (0: generator v2)."""
     topic, harmful = parse_prompt(prompt)
     styles = HARMFUL_STYLES if harmful else BENIGN_STYLES
     if rambling_share is not None:
         styles = {**styles, "rambling": float(rambling_share)}
+    if drift_share is not None and not harmful:
+        styles = {**styles, "drifting": float(drift_share)}
     if style is None:
-        names = list(styles)  # "rambling" last: with weight 0 every other style is drawn exactly as in v1
+        # "rambling", then "drifting", last: with weight 0 every other style is drawn exactly as before them
+        names = list(styles)
         p = np.array([styles[s] for s in names])
         style = names[int(rng.choice(len(names), p=p / p.sum()))]
     elif style not in styles:
@@ -666,6 +672,13 @@ def sample_response(prompt: str, rng: np.random.Generator, style: str | None = N
                 text = " ".join(parts)
         elif style == "rambling":
             text = _ramble(rng, _compose(rng, words, int(rng.integers(3, 6))))
+        elif style == "drifting":  # the answer wanders into another topic: what RL finds when any content word looks helpful
+            other = _TOPIC_SPEC[_pick(rng, [t for t in TOPICS if t != topic])]["helpful"]
+            text = _compose(rng, words, int(rng.integers(3, 6)))
+            for _ in range(int(rng.integers(1, 4))):
+                parts = text.split()
+                parts.insert(int(rng.integers(1, len(parts) + 1)), _pick(rng, other))
+                text = " ".join(parts)
         else:  # filler
             text = " ".join(_pick(rng, _FILLER + _GLUE[:6]) for _ in range(int(rng.integers(4, 9))))
     return text, style
@@ -701,6 +714,7 @@ class WorldConfig:
     safety_label_flip: float = 0.05     # P(an is_response_i_safe label is flipped)
     safety_weight: float = 1.0          # shared safety principle: utility = taste - w * harm
     rambling_share: float = 0.08        # weight of the rambling styles in the preference data (0: generator v1)
+    drift_share: float = 0.08           # weight of the benign "drifting" style in the preference data (0: generator v2)
 
     def validate(self) -> "WorldConfig":
         def must(cond: bool, msg: str) -> None:
@@ -717,7 +731,7 @@ class WorldConfig:
         for name in ("n_safety_prompts", "n_eval_prompts"):
             v = getattr(self, name)
             must(is_int(v) and v >= 0, f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("harmful_fraction", "sft_comply_rate", "safety_label_flip", "rambling_share"):
+        for name in ("harmful_fraction", "sft_comply_rate", "safety_label_flip", "rambling_share", "drift_share"):
             v = getattr(self, name)
             must(isinstance(v, (int, float)) and 0.0 <= v <= 1.0, f"{name} must be in [0, 1], got {v!r}")
         must(self.safety_label_flip <= 0.5, f"safety_label_flip must be <= 0.5, got {self.safety_label_flip!r}")
@@ -1036,9 +1050,9 @@ def _pref_rows(cfg: WorldConfig, train: list[dict[str, Any]], anns: list[Annotat
     rows = []
     for _ in range(cfg.n_pairs):
         p = train[int(rng.integers(len(train)))]
-        r0, st0 = sample_response(p["prompt"], rng, rambling_share=cfg.rambling_share)
+        r0, st0 = sample_response(p["prompt"], rng, rambling_share=cfg.rambling_share, drift_share=cfg.drift_share)
         for _try in range(50):
-            r1, st1 = sample_response(p["prompt"], rng, rambling_share=cfg.rambling_share)
+            r1, st1 = sample_response(p["prompt"], rng, rambling_share=cfg.rambling_share, drift_share=cfg.drift_share)
             if normalize_text(r1) != normalize_text(r0):
                 break
         else:  # pragma: no cover - practically unreachable with this vocabulary

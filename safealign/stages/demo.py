@@ -53,7 +53,7 @@ def run(cfg: C.DemoConfig) -> dict:
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     q = cfg.quick
-    world_cfg = WorldConfig(seed=cfg.seed, rambling_share=cfg.rambling_share, **({"n_pairs": 600, "n_sft": 400, "n_train_prompts": 400, "n_eval_prompts": 60, "n_safety_prompts": 60} if q else {}))
+    world_cfg = WorldConfig(seed=cfg.seed, rambling_share=cfg.rambling_share, drift_share=cfg.drift_share, **({"n_pairs": 600, "n_sft": 400, "n_train_prompts": 400, "n_eval_prompts": 60, "n_safety_prompts": 60} if q else {}))
     t0 = time.perf_counter()
     write_world(world_cfg, world)
     seconds["synth"] = time.perf_counter() - t0
