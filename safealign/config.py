@@ -50,7 +50,14 @@ class DataOptions:
 
 
 @dataclass
-class TrainOptions:
+class HubOptions:
+    push_to_hub: bool = opt(False, "After the run succeeded and its checks passed, upload the result to the Hugging Face Hub (training stages: the output directory without checkpoints/; safety-test: release/ on PASS only). The token comes from HF_TOKEN or `hf auth login`; it is checked before the run starts.")
+    hub_model_id: str | None = opt(None, "Hub repository of --push-to-hub: NAME (under the token's user) or ORG/NAME (default: the output directory's name).")
+    hub_private: bool = opt(False, "Create the hub repository as private (an existing repository keeps its visibility).")
+
+
+@dataclass
+class TrainOptions(HubOptions):
     model: str = opt("tiny", "Model to start from: a local path, a hub name, or 'tiny' (a tiny Llama built from a config with a tokenizer trained locally on the data; runs offline).")
     output_dir: str | None = opt(None, "Output directory (required): model, checkpoints/, metrics.jsonl, report.json/.md, plots/, config.yaml, manifest.json.")
     epochs: float = opt(1.0, "Training epochs (ignored when --max-steps > 0).")
@@ -409,7 +416,7 @@ class SFTConfig(DataOptions, TrainOptions):
 
 
 @dataclass
-class SafetyTestConfig(GenerationOptions):
+class SafetyTestConfig(GenerationOptions, HubOptions):
     """`safealign safety-test`: high-confidence upper bound on the policy's expected cost on held-out prompts."""
 
     policy: str | None = opt(None, "Policy directory to test (HF causal LM).")
