@@ -91,7 +91,6 @@ def push_result(cfg, summary: dict, stage: str) -> dict | None:
 
     api = HfApi()
     repo = repo_id_for(cfg)  # NAME alone: create_repo puts it under the token's user and says where
-    later = f"the result is kept in {folder}; upload it later with `hf upload {repo} {folder}`"
     card = folder / "README.md"
     card_text = card.read_text() if card.is_file() else None
     try:
@@ -105,17 +104,21 @@ def push_result(cfg, summary: dict, stage: str) -> dict | None:
             card.write_text(card_text)
         status = getattr(getattr(e, "response", None), "status_code", None)
         if isinstance(e, HFValidationError) or status in (400, 401, 403, 404, 409):
-            raise BadInput(f"the hub refused the push to {repo!r} ({_why(e)}); {later}",
+            raise BadInput(f"the hub refused the push to {repo!r} ({_why(e)}); {_later(repo, folder)}",
                            fix="check that the token has write access to that repository (or organisation) and the --hub-model-id") from None
-        raise PushFailed(f"pushing to {repo!r} failed ({_why(e)}); {later}") from None
+        raise PushFailed(f"pushing to {repo!r} failed ({_why(e)}); {_later(repo, folder)}") from None
     except Exception as e:  # noqa: BLE001 - network and the like: say so, keep the result
         if card_text is not None:
             card.write_text(card_text)
-        raise PushFailed(f"pushing to {repo!r} failed ({_why(e)}); {later}") from None
+        raise PushFailed(f"pushing to {repo!r} failed ({_why(e)}); {_later(repo, folder)}") from None
     pushed = {"repo_id": repo, "url": str(url), "commit": getattr(info, "oid", None), "folder": str(folder), "private": bool(cfg.hub_private)}
     _record(folder if stage != "safety-test" else Path(summary["output_dir"]), pushed)
     summary["hub"] = pushed
     return pushed
+
+
+def _later(repo: str, folder: Path) -> str:
+    return f"the result is kept in {folder}; upload it later with `hf upload {repo} {folder}`"
 
 
 def _record(run_dir: Path, pushed: dict) -> None:
