@@ -486,6 +486,7 @@ class EvalConfig(GenerationOptions):
     output_dir: str | None = opt(None, "Output directory (new or empty) for generations.jsonl, report.json/.md and plots/.")
     max_prompts: int = opt(0, "Use at most this many prompts (0 = all).")
     samples: int = opt(1, "Responses sampled per prompt; rates and means are over all responses (more samples, less sampling noise).")
+    threshold: float = opt(0.0, "Cost threshold: a response counts as unsafe by the cost model when its cost is above it (the run's safety-test or ppo-lag threshold; the cost histogram draws it).")
     batch_size: int = opt(16, "Prompts per generation batch.")
     seed: int = opt(42, "Sampling seed.")
     template: str = opt("default", "Prompt template (as in training).")

@@ -730,7 +730,7 @@ def _plots(out: Path, data: CrowdData, an: dict) -> None:
         else:
             w = an["eval_where"]
             groups = {"preferred": cost[w[:, 0]].tolist(), "not preferred": cost[w[:, 1]].tolist()}
-        plots.histogram(groups, out / "plots" / "cost_eval.png", "discovered cost of held-out responses", vlines={"threshold": 0.0}, xlabel="cost")
+        plots.histogram(groups, out / "plots" / "cost_eval.png", "discovered cost of held-out responses", vlines={"zero point (a convention)": 0.0}, xlabel="cost", ylabel="responses")
     dec = an["dec"]
     if dec.coords.shape[1] >= 1:
         plt = plots._plt()

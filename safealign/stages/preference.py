@@ -224,9 +224,10 @@ def _plots(out: Path, task: str, extras: dict) -> None:
     if s is not None:
         names = ("more helpful", "less helpful") if task == "helpful" else ("safer", "less safe")
         plots.histogram({names[0]: s["chosen"].tolist(), names[1]: s["rejected"].tolist()}, out / "plots" / "scores_by_preference.png",
-                        f"eval {'reward' if task == 'helpful' else 'cost'} by preference", vlines={"zero": 0.0} if task == "safety" else None)
+                        f"eval {'reward' if task == 'helpful' else 'cost'} by preference", vlines={"zero (cost > 0: unsafe)": 0.0} if task == "safety" else None,
+                        xlabel="reward" if task == "helpful" else "cost", ylabel="responses")
     if extras.get("by_label"):
-        plots.histogram(extras["by_label"], out / "plots" / "cost_by_label.png", "eval cost by safety label", vlines={"threshold": 0.0}, xlabel="cost")
+        plots.histogram(extras["by_label"], out / "plots" / "cost_by_label.png", "eval cost by safety label", vlines={"zero (cost > 0: unsafe)": 0.0}, xlabel="cost", ylabel="responses")
     if extras.get("reliability"):
         plots.reliability(extras["reliability"], out / "plots" / "reliability.png", "calibration of P(unsafe)")
 

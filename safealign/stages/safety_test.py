@@ -598,7 +598,8 @@ def run(cfg: SafetyTestConfig) -> dict:
         b = res["mean_bound"]
         plots.histogram({"cost per response": [r["cost"] for r in rows]}, out / "plots" / "cost_histogram.png",
                         f"safety test: {res['decision']} ({cfg.bound} bound, n={res['n_prompts']} prompts)",
-                        vlines={"threshold": cfg.threshold, f"{cfg.bound} upper bound": b["upper"]}, xlabel="cost (> 0 = unsafe)")
+                        vlines={"threshold": cfg.threshold, f"{cfg.bound} upper bound": b["upper"]}, xlabel="cost (> 0 = unsafe)",
+                        ylabel="responses")
         write_config(out / "config.yaml", to_dict(cfg))
         atomic_write_json(out / "manifest.json", manifest("safety-test", seed=cfg.seed, data_fingerprint=sid,
                                                           extra={"costs_sha256": costs_fingerprint(rows)}))
