@@ -166,6 +166,24 @@ def _eval(cfg):
     _print_summary(run(cfg))
 
 
+def _score_eval(cfg):
+    _quiet()
+    from safealign.stages.score_eval import run
+
+    _print_summary(run(cfg))
+
+
+def _inspect(cfg):
+    from safealign.data.inspect import inspect, markdown
+    from safealign.runtime.io import atomic_write_json
+
+    result = inspect(cfg)
+    typer.echo(markdown(result))
+    if cfg.output:
+        atomic_write_json(cfg.output, result)
+        typer.echo(f"wrote {cfg.output}")
+
+
 def _split(cfg):
     from safealign.stages.split import run
 
@@ -211,6 +229,8 @@ config_command(app, "ppo-lag", C.PPOLagConfig, _ppo_lag)
 config_command(app, "safety-test", C.SafetyTestConfig, _safety_test)
 config_command(app, "sft", C.SFTConfig, _sft)
 config_command(app, "eval", C.EvalConfig, _eval)
+config_command(app, "score-eval", C.ScoreEvalConfig, _score_eval)
+config_command(data_app, "inspect", C.InspectConfig, _inspect)
 config_command(data_app, "split", C.SplitConfig, _split)
 config_command(data_app, "synth", C.SynthConfig, _synth)
 config_command(app, "plan", C.PlanConfig, _plan, recipe_flag=False)

@@ -19,14 +19,14 @@ def table(header: list, rows: list[list]) -> list[str]:
            ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
 
 
-def _md_dict(d: dict, depth: int = 0) -> list[str]:
+def md_dict(d: dict, depth: int = 0) -> list[str]:
     lines = []
     flat = {k: v for k, v in d.items() if not isinstance(v, (dict, list))}
     if flat:
         lines += table(["key", "value"], [[k, v] for k, v in flat.items()]) + [""]
     for k, v in d.items():
         if isinstance(v, dict) and v:
-            lines += [f"{'#' * min(3 + depth, 6)} {k}", ""] + _md_dict(v, depth + 1)
+            lines += [f"{'#' * min(3 + depth, 6)} {k}", ""] + md_dict(v, depth + 1)
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             keys = list(dict.fromkeys(key for x in v for key in x))
             lines += [f"{'#' * min(3 + depth, 6)} {k}", ""] + table(keys, [[x.get(key, "") for key in keys] for x in v]) + [""]
@@ -43,7 +43,7 @@ def write(out: Path, summary: dict, *, title: str, intro: str | None = None) -> 
     lines = [f"# {title}", ""]
     if intro:
         lines += [intro, ""]
-    lines += _md_dict(summary)
+    lines += md_dict(summary)
     pngs = sorted((out / "plots").glob("*.png")) if (out / "plots").is_dir() else []
     if pngs:
         lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in pngs] + [""]
