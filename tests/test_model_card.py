@@ -70,7 +70,7 @@ def test_reward_and_cost_cards_reproduce_safealign_scores(tiny_rm, tiny_cm, tmp_
         fmt = json.loads((d / "safealign.json").read_text())
         assert fmt["template"] == "default" and fmt["append_eos"] and fmt["kind"] == ("reward" if name == "rm" else "cost")
     assert "cost > 0 means unsafe" in (tiny_cm / "README.md").read_text()
-    assert "| accuracy |" in (tiny_rm / "README.md").read_text()  # the stage's held-out metrics
+    assert "| held out: accuracy |" in (tiny_rm / "README.md").read_text()  # the stage's held-out metrics
     out = run_python(snippet(tiny_rm) + "\n" + snippet(tiny_cm), cwd=tmp_path)
     got = [float(x) for x in out]
     assert got == pytest.approx([ours["rm"], ours["cm"]], abs=1e-5)

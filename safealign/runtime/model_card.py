@@ -248,18 +248,19 @@ def usage_section(model_dir: Path, path: str, max_new_tokens: int = 32) -> list[
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     if rec.get("kind", "policy") == "policy":
         code = policy_snippet(path, tok, rec, safealign_greedy(model_dir, max_new_tokens), max_new_tokens)
-        what = ("Greedy decoding; safealign samples (temperature, top-p) in training and in its tests, but the prompt "
-                "and the stop rule are the same.")
+        what = ("A prompt without the template is not what the model was trained on. The printed answer is greedy, and the "
+                "comment under the snippet is safealign's own greedy answer; safealign samples (temperature, top-p) in "
+                "training and in its tests, with the same prompt and stop rule.")
     else:
         code = score_snippet(path, tok, rec, safealign_score(model_dir))
-        what = "The number printed is the score safealign gives the same pair (computed when this card was written)."
+        what = ("Encoding `prompt + response` with a plain `tok(text)` gives a different number. The number printed is the "
+                "score safealign gives the same pair, quoted in the comment (computed when this card was written).")
         if rec.get("kind") == "cost":
             what += " Cost convention: higher = more harmful; cost > 0 means unsafe, cost < 0 safe."
     lines = ["## Usage (plain transformers)", "",
              f"The prompt format travels with the model: the tokenizer's chat template renders the prompt exactly as safealign "
              f"formatted it in training (template `{rec.get('template', 'default')}`), the response follows, and safealign always "
-             f"appends EOS (`{tok.eos_token}`); `{FORMAT_FILE}` states these rules. Encoding `prompt + response` with "
-             "a plain `tok(text)` gives a different number. " + what, "", "```python", code, "```", ""]
+             f"appends EOS (`{tok.eos_token}`); `{FORMAT_FILE}` states these rules. " + what, "", "```python", code, "```", ""]
     if (model_dir / "adapter" / "adapter_config.json").is_file():
         policy = rec.get("kind", "policy") == "policy"
         call = (f"peft.AutoPeftModelForCausalLM.from_pretrained({json.dumps(str(Path(path) / 'adapter'))})" if policy else
@@ -290,10 +291,11 @@ def _fmt(v) -> str:
 def _metrics(summary: dict) -> dict:
     """The numbers a reader of the card wants first, flat: held-out metrics, the final RL numbers."""
     out: dict = {}
+    prefix = {"eval": "held out: ", "final": "last training step: ", "preferences_eval": "held out: "}
     for key in ("eval", "final", "preferences_eval"):
         for k, v in (summary.get(key) or {}).items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{key}: {k.removeprefix('eval/')}" if key != "eval" else k.removeprefix("eval/")] = v
+                out[prefix[key] + k.removeprefix("eval/")] = v
     c = summary.get("constraint") or {}
     if c.get("J_c") is not None:
         out["constraint J_c (training estimate)"] = c["J_c"]
@@ -315,14 +317,15 @@ def _describe(stage: str, kind: str, run: dict, summary: dict) -> str:
                     "cost < 0 safe (the Safe RLHF convention)",
             "policy": "a **policy** (a causal language model) that answers prompts in the format below"}.get(kind, f"a {kind} model")
     how = {"train-rm": "Bradley-Terry on preference pairs", "sft": "supervised fine-tuning on the response tokens",
-           "train-cost": ("crowd preferences without safety labels (the shared component of per-annotator heads)" if run.get("crowd")
-                          else "the Safe RLHF cost loss (ranking + per-response sign terms)"),
-           "ppo-lag": {"ppo-lag": f"PPO-Lagrangian: maximise reward subject to E[cost] <= {run.get('threshold')}",
+           "train-cost": ("crowd preferences without safety labels: the shared component of per-annotator heads" if run.get("crowd")
+                          else "the Safe RLHF cost loss: ranking and per-response sign terms"),
+           "ppo-lag": {"ppo-lag": f"PPO-Lagrangian: maximise reward subject to E[cost] <= {_fmt(run.get('threshold'))}",
                        "ppo": "reward-only PPO (no cost constraint)",
                        "reward-shaping": f"PPO on reward - {run.get('lambda_init')} x cost (fixed lambda)"}.get(run.get("algorithm"), "PPO")}.get(stage, stage)
+    unit = "pairs" if "train_pairs" in d else "prompts" if stage == "ppo-lag" else "examples"
     text = f"Trained by `safealign {stage}` ({how}) from `{base}` on `{data}`"
     if n:
-        text += f" ({n} training {'pairs' if 'train_pairs' in d else 'examples'}" + (f", {held} held out" if held else "") + ")"
+        text += f" ({n} training {unit}" + (f", {held} held out" if held else "") + ")"
     text = f"{what[0].upper()}{what[1:]}. {text}."
     if run.get("lora_r"):
         text += f" LoRA rank {run['lora_r']}: the adapter is in `adapter/`, the files at the top are it merged into the base."
@@ -354,7 +357,8 @@ def write_card(out: str | Path, summary: dict) -> Path | None:
     m = _metrics(summary)
     if m:
         lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"] + [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in m.items()] + [""]
-        lines += ["Held-out numbers are on the run's evaluation data; the full report is `report.md` (and `report.json`).", ""]
+        held = any(k.startswith("held out") for k in m)
+        lines += [("Held out: the run's evaluation data, never trained on. " if held else "") + "The full report is `report.md` (and `report.json`).", ""]
     lines += usage_section(out, str(out.resolve()), int(run.get("max_new_tokens") or 32))
     lines += ["## How it was made", "",
               f"- Command: `safealign {stage}`; resolved settings in `config.yaml`, versions, git commit and data fingerprint in `manifest.json`.",

@@ -14,6 +14,15 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 100 dpi, creating the directory) and close ``fig``."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return Path(path)
+
+
 def _ylabel(keys: list[str]) -> str:
     """A y-axis label for metric keys when the caller gives none: their common unit, else their names."""
     names = [k.split("/")[-1] for k in keys]
@@ -55,11 +64,7 @@ def curves(rows: list[dict], keys: list[str], path: Path, title: str, hlines: di
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def histogram(groups: dict[str, list[float]], path: Path, title: str, vlines: dict[str, float] | None = None, xlabel: str = "score",
@@ -80,11 +85,7 @@ def histogram(groups: dict[str, list[float]], path: Path, title: str, vlines: di
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def reliability(rows: list[tuple], path: Path, title: str) -> Path:
@@ -101,11 +102,7 @@ def reliability(rows: list[tuple], path: Path, title: str) -> Path:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def policy_comparison(policies: dict[str, dict], path: Path, *, harm_target: float | None = None, reference: str | None = None,
@@ -126,7 +123,6 @@ def policy_comparison(policies: dict[str, dict], path: Path, *, harm_target: flo
         xerr = 100 * o["harm_rate_se"] if o.get("harm_rate_se") is not None else None
         yerr = o.get("helpfulness_mean_benign_prompts_se")
         ax.errorbar([x], [y], xerr=None if xerr is None else [xerr], yerr=None if yerr is None else [yerr], fmt="o", capsize=4, label=label)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
     if harm_target is not None:
         ax.axvline(100 * harm_target, color="red", linestyle="--", linewidth=1.2, label=f"harm target ({100 * harm_target:g}%)")
     if reference in pts:
@@ -134,11 +130,8 @@ def policy_comparison(policies: dict[str, dict], path: Path, *, harm_target: flo
     ax.set_xlabel("oracle harm rate (% of answers unsafe)")
     ax.set_ylabel("oracle helpfulness on benign prompts")
     n = next(iter(pts.values()))
-    ax.set_title(f"{title} ({n.get('prompts', '?')} prompts x {n.get('samples_per_prompt', '?')} answers; bars: +-1 s.e.)", fontsize=9)
+    k = n.get("samples_per_prompt")
+    ax.set_title(f"{title} ({n.get('prompts', '?')} prompts x {k:g} answers; bars: +-1 s.e. over prompts)" if k else title, fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
