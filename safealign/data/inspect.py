@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 
 from safealign.data.readers import read_rows
-from safealign.data.records import detect_format, prompt_hash, rows_to_pairs
+from safealign.data.records import detect_format, rows_to_pairs
 from safealign.data.templates import format_prompt, format_response
 from safealign.errors import BadInput
 
@@ -63,13 +63,13 @@ class Lengths:
 
 
 def _prompts_of(rows: list[dict], column: str, source: str) -> tuple[set[str], int]:
-    """Distinct prompt hashes of rows (the same reading as data split), and the rows without a usable prompt."""
-    from safealign.stages.split import row_prompt
+    """Distinct prompt hashes of rows (data.prompts: the rule every stage reads prompts by), and the rows without a usable prompt."""
+    from safealign.data.prompts import hash_of, row_prompt
 
     hashes, bad = set(), 0
     for i, row in enumerate(rows, start=1):
         try:
-            hashes.add(prompt_hash(row_prompt(row, column, where=source, index=i)))
+            hashes.add(hash_of(row_prompt(row, column, where=source, index=i)))
         except BadInput:
             bad += 1
     return hashes, bad
