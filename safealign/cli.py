@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from safealign import config as C
-from safealign.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_SAFE, BadInput, SafetyTestFailed
+from safealign.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_SAFE, BadInput, PushFailed, SafetyTestFailed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,11 +106,24 @@ def _quiet() -> None:
         pass
 
 
+def _pushed(cfg, run: Callable[[Any], dict], stage: str) -> dict:
+    """Run a stage; with --push-to-hub the hub settings are checked first and the result is uploaded
+    only after the stage succeeded (runtime/hub.py)."""
+    from safealign.runtime import hub
+
+    hub.check_settings(cfg)
+    summary = run(cfg)
+    pushed = hub.push_result(cfg, summary, stage)
+    if pushed:
+        typer.echo(f"pushed {pushed['folder']} to {pushed['url']}")
+    return summary
+
+
 def _train_rm(cfg):
     _quiet()
     from safealign.stages.preference import run_reward
 
-    _print_summary(run_reward(cfg))
+    _print_summary(_pushed(cfg, run_reward, "train-rm"))
 
 
 def _train_cost(cfg):
@@ -118,32 +131,32 @@ def _train_cost(cfg):
     if cfg.crowd:
         from safealign.stages.crowd import run as run_crowd
 
-        _print_summary(run_crowd(cfg))
+        _print_summary(_pushed(cfg, run_crowd, "train-cost"))
         return
     from safealign.stages.preference import run_cost
 
-    _print_summary(run_cost(cfg))
+    _print_summary(_pushed(cfg, run_cost, "train-cost"))
 
 
 def _ppo_lag(cfg):
     _quiet()
     from safealign.stages.ppo_lag import run
 
-    _print_summary(run(cfg))
+    _print_summary(_pushed(cfg, run, "ppo-lag"))
 
 
 def _safety_test(cfg):
     _quiet()
     from safealign.stages.safety_test import run
 
-    _print_summary(run(cfg))
+    _print_summary(_pushed(cfg, run, "safety-test"))
 
 
 def _sft(cfg):
     _quiet()
     from safealign.stages.sft import run
 
-    _print_summary(run(cfg))
+    _print_summary(_pushed(cfg, run, "sft"))
 
 
 def _eval(cfg):
@@ -151,6 +164,24 @@ def _eval(cfg):
     from safealign.stages.evaluate import run
 
     _print_summary(run(cfg))
+
+
+def _score_eval(cfg):
+    _quiet()
+    from safealign.stages.score_eval import run
+
+    _print_summary(run(cfg))
+
+
+def _inspect(cfg):
+    from safealign.data.inspect import inspect, markdown
+    from safealign.runtime.io import atomic_write_json
+
+    result = inspect(cfg)
+    typer.echo(markdown(result))
+    if cfg.output:
+        atomic_write_json(cfg.output, result)
+        typer.echo(f"wrote {cfg.output}")
 
 
 def _split(cfg):
@@ -198,6 +229,8 @@ config_command(app, "ppo-lag", C.PPOLagConfig, _ppo_lag)
 config_command(app, "safety-test", C.SafetyTestConfig, _safety_test)
 config_command(app, "sft", C.SFTConfig, _sft)
 config_command(app, "eval", C.EvalConfig, _eval)
+config_command(app, "score-eval", C.ScoreEvalConfig, _score_eval)
+config_command(data_app, "inspect", C.InspectConfig, _inspect)
 config_command(data_app, "split", C.SplitConfig, _split)
 config_command(data_app, "synth", C.SynthConfig, _synth)
 config_command(app, "plan", C.PlanConfig, _plan, recipe_flag=False)
@@ -223,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     except SafetyTestFailed as e:
         typer.secho(f"No Solution Found: {e}", err=True, fg=typer.colors.YELLOW)
         return EXIT_NOT_SAFE
+    except PushFailed as e:
+        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+        return EXIT_ERROR
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         return EXIT_ERROR

@@ -20,7 +20,7 @@ from typing import Any
 from safealign.errors import BadInput
 from safealign.rl.algorithms import ALGORITHMS
 
-STAGE_NAMES = ("train-rm", "train-cost", "ppo-lag", "safety-test", "sft", "eval", "demo", "synth", "split")
+STAGE_NAMES = ("train-rm", "train-cost", "ppo-lag", "safety-test", "sft", "eval", "demo", "synth", "split", "inspect", "score-eval")
 
 
 def opt(default: Any, help: str, *, flag: bool = True, choices: tuple[str, ...] | None = None):
@@ -50,7 +50,14 @@ class DataOptions:
 
 
 @dataclass
-class TrainOptions:
+class HubOptions:
+    push_to_hub: bool = opt(False, "After the run succeeded and its checks passed, upload the result to the Hugging Face Hub (training stages: the output directory without checkpoints/; safety-test: release/ on PASS only). The token comes from HF_TOKEN or `hf auth login`; it is checked before the run starts.")
+    hub_model_id: str | None = opt(None, "Hub repository of --push-to-hub: NAME (under the token's user) or ORG/NAME (default: the output directory's name).")
+    hub_private: bool = opt(False, "Create the hub repository as private (an existing repository keeps its visibility).")
+
+
+@dataclass
+class TrainOptions(HubOptions):
     model: str = opt("tiny", "Model to start from: a local path, a hub name, or 'tiny' (a tiny Llama built from a config with a tokenizer trained locally on the data; runs offline).")
     output_dir: str | None = opt(None, "Output directory (required): model, checkpoints/, metrics.jsonl, report.json/.md, plots/, config.yaml, manifest.json.")
     epochs: float = opt(1.0, "Training epochs (ignored when --max-steps > 0).")
@@ -133,8 +140,12 @@ def _validate_common(cfg) -> None:
     for key, ok, why in checks:
         if not ok:
             raise BadInput(f"config key '{key}' = {getattr(cfg, key)!r} {why}")
-    if cfg.template not in ("default", "chat", "raw") and "{prompt}" not in cfg.template:
-        raise BadInput(f"template {cfg.template!r} is neither default/chat/raw nor contains {{prompt}}", fix="use --template default, or a string with {prompt} in it")
+    check_template(cfg.template)
+
+
+def check_template(template: str) -> None:
+    if template not in ("default", "chat", "raw") and "{prompt}" not in template:
+        raise BadInput(f"template {template!r} is neither default/chat/raw nor contains {{prompt}}", fix="use --template default, or a string with {prompt} in it")
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,7 +420,7 @@ class SFTConfig(DataOptions, TrainOptions):
 
 
 @dataclass
-class SafetyTestConfig(GenerationOptions):
+class SafetyTestConfig(GenerationOptions, HubOptions):
     """`safealign safety-test`: high-confidence upper bound on the policy's expected cost on held-out prompts."""
 
     policy: str | None = opt(None, "Policy directory to test (HF causal LM).")
@@ -479,6 +490,7 @@ class EvalConfig(GenerationOptions):
     output_dir: str | None = opt(None, "Output directory (new or empty) for generations.jsonl, report.json/.md and plots/.")
     max_prompts: int = opt(0, "Use at most this many prompts (0 = all).")
     samples: int = opt(1, "Responses sampled per prompt; rates and means are over all responses (more samples, less sampling noise).")
+    threshold: float = opt(0.0, "Cost threshold: a response counts as unsafe by the cost model when its cost is above it (the run's safety-test or ppo-lag threshold; the cost histogram draws it).")
     batch_size: int = opt(16, "Prompts per generation batch.")
     seed: int = opt(42, "Sampling seed.")
     template: str = opt("default", "Prompt template (as in training).")
@@ -616,3 +628,47 @@ class DemoConfig:
         for key in ("rambling_share", "drift_share"):
             if not 0 <= getattr(self, key) <= 1:
                 raise BadInput(f"config key '{key}' = {getattr(self, key)} must be in [0, 1]")
+
+
+@dataclass
+class InspectConfig(DataOptions):
+    """`safealign data inspect`: what a data file holds before anything trains on it: format, rows, invalid rows by reason,
+    lengths in tokens, label balance, and the prompt overlap with a second file."""
+
+    data_format: str = opt("auto", "Row format: auto (detect), pku, hh, pairs (preference data), sft (prompt/response) or prompts (a prompt column only).", choices=("auto", "pku", "hh", "pairs", "sft", "prompts"))
+    model: str | None = opt(None, "Count lengths in this model's tokens (a local path or hub name; its tokenizer only is loaded). Default: whitespace-separated words.")
+    against: str | None = opt(None, "A second data file: how many of its distinct prompts (normalised text) are also in --data, e.g. a safety set against the training data.")
+    output: str | None = opt(None, "Also write the inspection as JSON here.")
+    invalid_rows: str = opt("skip", "Not used: inspect counts invalid rows by reason instead of stopping at the first.", flag=False)
+    eval_data: str | None = opt(None, "Not used by inspect.", flag=False)
+    eval_split: float = opt(0.0, "Not used by inspect.", flag=False)
+
+    def validate(self) -> None:
+        if not self.data:
+            raise BadInput("data inspect needs --data FILE")
+        if self.model == "tiny":
+            raise BadInput("--model tiny has no tokenizer of its own to count with", fix="pass a model directory or hub name, or no --model (whitespace words)")
+
+
+@dataclass
+class ScoreEvalConfig(DataOptions):
+    """`safealign score-eval`: a reward or cost model on held-out preference pairs, without a policy: pairwise accuracy
+    overall and by subset (--by COLUMN), for a cost model also sign accuracy and calibration."""
+
+    model: str | None = opt(None, "Reward or cost model directory (from train-rm / train-cost) to evaluate.")
+    data: str | None = opt(None, "Held-out preference pairs (any format train-rm/train-cost read), never trained on.")
+    output_dir: str | None = opt(None, "Output directory (new or empty): report.json/.md, scores.jsonl, plots/.")
+    task: str = opt("auto", "What the pairs rank: helpful (better response first, as train-rm), safety (safer first, as train-cost), or auto: the model's kind.", choices=("auto", "helpful", "safety"))
+    by: list[str] = opt([], "Also report accuracy for each value of this data column (repeatable), e.g. --by category.")
+    batch_size: int = opt(16, "Pairs per scoring batch.")
+    calibration_bins: int = opt(10, "Bins of the expected calibration error of P(unsafe) = sigmoid(cost) (cost models).")
+    dtype: str = opt("auto", "Inference precision.", choices=("auto", "fp32", "bf16"))
+    eval_data: str | None = opt(None, "Not used: --data is the evaluation data.", flag=False)
+    eval_split: float = opt(0.0, "Not used: every pair of --data is evaluated.", flag=False)
+
+    def validate(self) -> None:
+        if not (self.model and self.data and self.output_dir):
+            raise BadInput("score-eval needs --model, --data and --output-dir")
+        if self.batch_size < 1:
+            raise BadInput(f"config key 'batch_size' = {self.batch_size} must be >= 1")
+        check_template(self.template)

@@ -29,3 +29,8 @@ class BadInput(Exception):
 
 class SafetyTestFailed(Exception):
     """The high-confidence safety test did not pass: "No Solution Found" (exit code 3)."""
+
+
+class PushFailed(Exception):
+    """``--push-to-hub`` failed for a reason the user cannot fix from the command line (network,
+    server): exit code 1, one paragraph, the local result kept. Refusals the user can fix are BadInput."""

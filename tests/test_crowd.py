@@ -214,6 +214,9 @@ def test_crowd_cost_model_format_sign_and_report(cli, tmp_path):
     assert cfg.safealign_score_type == "cost" and cfg.num_labels == 1
     assert AutoConfig.from_pretrained(out / "pooled_baseline").safealign_score_type == "reward"
     AutoModelForSequenceClassification.from_pretrained(out)        # plain transformers loads it
+    card = (out / "README.md").read_text()                         # an ordinary cost model, and its card says so
+    assert "cost-model" in card and "cost > 0 means unsafe" in card and "crowd preferences" in card
+    assert json.loads((out / "safealign.json").read_text())["kind"] == "cost"
     rep = json.loads((out / "report.json").read_text())
     assert rep["reload_check"]["ok"], rep["reload_check"]
     assert rep["data"]["annotators"] == 6 and rep["data"]["label_column"] == "better_response_id (or chosen/rejected)"

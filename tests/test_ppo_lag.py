@@ -203,6 +203,18 @@ def test_lora_mode_end_to_end(cli, mw, tmp_path, ckpt):
         base = AutoModelForCausalLM.from_pretrained(mw["policy"]).eval()(input_ids=ids).logits
     assert float((merged - adapter).abs().max()) < 1e-4
     assert float((merged - base).abs().max()) > 1e-4
+    # the adapter names its base by an absolute path and carries the prompt format; the card says what the run was
+    from peft import AutoPeftModelForCausalLM
+
+    from safealign.runtime.model_card import front_matter
+
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(Path(mw["policy"]).resolve())
+    with torch.no_grad():
+        auto = AutoPeftModelForCausalLM.from_pretrained(out / "adapter").eval()(input_ids=ids).logits
+    assert float((merged - auto).abs().max()) < 1e-4
+    meta = front_matter((out / "README.md").read_text())
+    assert {"ppo-lag", "text-generation"} <= set(meta["tags"]) and meta["pipeline_tag"] == "text-generation"
+    assert json.loads((out / "safealign.json").read_text())["kind"] == "policy"
 
 
 def test_sigkill_then_resume_continues_the_same_run(cli, mw, tmp_path):

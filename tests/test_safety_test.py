@@ -86,7 +86,7 @@ def test_pass_writes_release_report_costs_and_record(passed, policy_with_hashes)
     assert rep["violation_bound"]["upper"] == pytest.approx(violation_rate_bound(first, 0.025, 0.99).upper)
 
     rel = out / "release"
-    card = (rel / "MODEL_CARD.md").read_text()
+    card = (rel / "README.md").read_text()
     assert "With probability at least 1 - 0.05 over the draw of the safety prompts" in card
     assert "E[cost] <= 100" in card and "P(cost > 0) <= 0.99" in card
     assert "not about true harm" in card and "bench/results/bound_validation.md" in card
@@ -97,6 +97,11 @@ def test_pass_writes_release_report_costs_and_record(passed, policy_with_hashes)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(rel))
+    from safealign.runtime.model_card import front_matter
+
+    meta = front_matter(card)                                                # a Hub card: front matter, guarantee, usage
+    assert "safety-tested" in meta["tags"] and meta["pipeline_tag"] == "text-generation"
+    assert "The safety test formatted every prompt with the template `default`" in card   # a policy not saved by safealign
 
     [rec] = _rows(passed["registry"])
     assert rec["decision"] == "PASS" and rec["test_number"] == 1 and rec["delta_used"] == 0.05

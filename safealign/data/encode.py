@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from safealign.data.records import Pair, normalize_prompt
-from safealign.data.templates import format_prompt, format_response
+from safealign.data.templates import effective_template, format_prompt, format_response
 
 
 @dataclass
@@ -53,6 +53,7 @@ def _sign(unsafe: bool | None) -> int:
 
 def encode_pairs(tok, pairs: list[Pair], template: str, max_length: int) -> tuple[list[EncodedPair], Counter]:
     """Encode pairs; counts truncations, and drops (counting) pairs made identical by truncation."""
+    template = effective_template(template, tok)
     out, counts = [], Counter()
     for pair in pairs:
         prompt = format_prompt(pair.prompt, template, tok)

@@ -25,13 +25,15 @@ TOLERANCE = {"causal": 1e-3, "score": 1e-4}  # max |saved - live| on the probe: 
 
 
 def write_model(tmp: Path, model, tok, state: dict | None, *, lora: bool, base_loader: Callable[[], torch.nn.Module] | None = None,
-                adapter: str | None = None, save_embedding_layers: bool = False) -> tuple[dict, torch.nn.Module]:
+                adapter: str | None = None, save_embedding_layers: bool = False, save_base: bool = False) -> tuple[dict, torch.nn.Module]:
     """Write ``model`` (a transformers model, or a peft model when ``lora``) into ``tmp``.
 
     ``state``: the full state dict gathered from every process (ZeRO-3), or None for the model's own.
     LoRA: ``adapter`` names the adapter to save (several can live on one base); ``base_loader()``
-    loads the base the adapter was trained on (same vocabulary). Returns (what was saved besides the
-    model files, the in-memory model equal to the saved top-level weights)."""
+    loads the base the adapter was trained on (same vocabulary); ``save_base`` also writes that base to
+    ``tmp/base`` (for a base that exists nowhere else, ``--model tiny``: the adapter then points at it,
+    runtime/model_card.py). Returns (what was saved besides the model files, the in-memory model equal
+    to the saved top-level weights)."""
     if not lora:
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         return {}, model
@@ -42,6 +44,9 @@ def write_model(tmp: Path, model, tok, state: dict | None, *, lora: bool, base_l
     tok.save_pretrained(tmp / "adapter")
     with local_load():
         base = base_loader()
+    if save_base:
+        base.save_pretrained(tmp / "base", safe_serialization=True)
+        tok.save_pretrained(tmp / "base")
     merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload().eval()
     merged.save_pretrained(tmp, safe_serialization=True)
     return {"adapter": "adapter"}, merged

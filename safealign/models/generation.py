@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from safealign.data.encode import encode
-from safealign.data.templates import format_prompt, format_response
+from safealign.data.templates import effective_template, format_prompt, format_response
 
 
 @dataclass
@@ -49,6 +49,7 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
 
 def encode_prompts(tok, prompts: list, template: str, max_prompt_tokens: int = 0) -> list[list[int]]:
     """Token ids of formatted prompts (left-truncated to max_prompt_tokens when > 0)."""
+    template = effective_template(template, tok)
     out = []
     for p in prompts:
         ids = tok(format_prompt(p, template, tok), add_special_tokens=True)["input_ids"]
@@ -99,6 +100,7 @@ def score_texts(scorer, tok, prompts: list, responses: list[str], *, template: s
                 batch_size: int = 32) -> torch.Tensor:
     """End scores [N] of (prompt, response) texts under a TokenScorer, each sequence ending in EOS."""
     device = next(scorer.parameters()).device
+    template = effective_template(template, tok)
     scores = []
     for i in range(0, len(responses), batch_size):
         seqs = [encode(tok, format_prompt(p, template, tok), format_response(r, template) if r.strip() else "", max_length).ids

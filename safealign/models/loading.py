@@ -63,8 +63,32 @@ def load_tokenizer(name: str, *, train_texts: list[str] | None = None, vocab_siz
             tok = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as e:
             raise BadInput(f"cannot load a tokenizer ({str(e).splitlines()[0]})", where=name) from None
+        if Path(name).expanduser().is_dir():
+            from safealign.data.templates import read_format
+
+            tok.safealign_format = read_format(Path(name).expanduser())  # the prompt format the model was trained with
     ensure_special_tokens(tok)
     return tok
+
+
+def save_tokenizer(tok, path) -> None:
+    """``tok.save_pretrained(path)`` plus the prompt format it carries (so a resumed run formats as the first did)."""
+    import json
+
+    from safealign.data.templates import FORMAT_FILE
+
+    tok.save_pretrained(path)
+    if getattr(tok, "safealign_format", None):
+        (Path(path) / FORMAT_FILE).write_text(json.dumps(tok.safealign_format, indent=2) + "\n")
+
+
+def portable_base(name: str | None) -> str | None:
+    """Where a model's base can be found from any working directory: the absolute path of a local
+    directory, a hub name as it is, None for ``tiny`` (a model that exists only in memory)."""
+    if not name or is_tiny(name):
+        return None
+    p = Path(name).expanduser()
+    return str(p.resolve()) if p.exists() else name
 
 
 def check_model_kind(path: str, what: str, flag: str, score_type: str | None = None) -> None:

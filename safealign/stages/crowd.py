@@ -276,7 +276,7 @@ def _validate(cfg: CostConfig) -> None:
 
 
 def run(cfg: CostConfig) -> dict:
-    from safealign.models.loading import load_score_model, load_tokenizer
+    from safealign.models.loading import load_score_model, load_tokenizer, save_tokenizer
     from safealign.runtime.io import check_output_dir
     from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, train_loop
 
@@ -311,7 +311,7 @@ def run(cfg: CostConfig) -> dict:
                  inherit_from=[cfg.model if cfg.model != "tiny" else None], data_fingerprint=fingerprint(data.train),
                  extra={"crowd": True, "annotators": len(data.annotators), "train_pairs": len(train_ex), "eval_pairs": len(eval_ex)})
     if acc.is_main_process and not saved_tok.is_dir():
-        tok.save_pretrained(saved_tok)
+        save_tokenizer(tok, saved_tok)
 
     seen_eval = [e for e in eval_ex if e.annotator >= 0]
 
@@ -537,17 +537,21 @@ def _export(net: CrowdNet, tok, out: Path, an: dict, cfg: CostConfig) -> dict:
         head.weight.copy_(torch.tensor(an["w_score"], dtype=head.weight.dtype)[None, :])
     model.config.safealign_score_type = "cost"
     model.config.safealign_crowd = {"zero_quantile_of_training_costs": float(cfg.crowd_zero_quantile), "taste_axes_removed": int(an["dec"].n_axes)}
+    from safealign.runtime import model_card
     from safealign.runtime.io import staged_model_dir
 
     saved = {}
+    template = model_card.prepare_tokenizer(tok, cfg.template)
     with staged_model_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        saved.update(model_card.finish_model_dir(tmp, out, tok, template=template, base=cfg.model, max_length=cfg.max_length))
     saved["model"] = str(out)
     if net.baseline is not None:
         with staged_model_dir(out, out / "pooled_baseline", ".tmp-baseline") as tmp:
             net.baseline.model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
+            model_card.finish_model_dir(tmp, out / "pooled_baseline", tok, template=template, base=cfg.model, max_length=cfg.max_length)
         saved["pooled_baseline"] = str(out / "pooled_baseline")
     return saved
 
@@ -726,7 +730,7 @@ def _plots(out: Path, data: CrowdData, an: dict) -> None:
         else:
             w = an["eval_where"]
             groups = {"preferred": cost[w[:, 0]].tolist(), "not preferred": cost[w[:, 1]].tolist()}
-        plots.histogram(groups, out / "plots" / "cost_eval.png", "discovered cost of held-out responses", vlines={"threshold": 0.0}, xlabel="cost")
+        plots.histogram(groups, out / "plots" / "cost_eval.png", "discovered cost of held-out responses", vlines={"zero point (a convention)": 0.0}, xlabel="cost", ylabel="responses")
     dec = an["dec"]
     if dec.coords.shape[1] >= 1:
         plt = plots._plt()

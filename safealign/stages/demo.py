@@ -118,7 +118,7 @@ def _stage_overrides(cfg: C.DemoConfig, out: Path, world: Path, *, threshold: fl
         plan[f"eval:{name}"] = {
             "policy": str(out / name), "reward_model": str(out / "rm"), "cost_model": str(out / "cm"),
             "prompts": str(world / "prompts_eval.jsonl"), "output_dir": str(out / "eval" / name), "max_new_tokens": cfg.max_new_tokens,
-            "seed": cfg.seed, "samples": 1 if q else cfg.eval_samples, **({"baseline": str(out / "sft")} if name != "sft" else {})}
+            "seed": cfg.seed, "samples": 1 if q else cfg.eval_samples, "threshold": threshold, **({"baseline": str(out / "sft")} if name != "sft" else {})}
     return plan
 
 
@@ -186,6 +186,8 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
     plots.curves(merged, [f"{labels[n]} lambda" for n in LAGRANGIAN], out / "plots" / "lambda.png", "Lagrange multipliers")
     plots.curves(merged, [f"{labels[n]} J_c" for n in LAGRANGIAN], out / "plots" / "cost_vs_threshold.png",
                  "episode cost J_c of the Lagrangian runs", hlines={"training threshold": train_threshold, "safety-test threshold": threshold})
+    plots.policy_comparison({label: evals[name]["metrics"]["policy"].get("oracle") for name, label in POLICIES}, out / "plots" / "policies.png",
+                            harm_target=cfg.harm_target, reference="SFT policy", title="the demo's policies on the eval prompts")
     summary = {
         "stage": "demo", "output_dir": str(out), "quick": cfg.quick, "seconds_total": total, "seconds": seconds,
         "harm_target": cfg.harm_target, "threshold": threshold, "train_threshold": train_threshold, "threshold_calibration": calibration,
@@ -207,7 +209,7 @@ def _summarise(cfg, out: Path, world: Path, rm, cm, runs, decisions, evals, seco
                        "runs on the separate safety prompts. The first safety test (PPO-Lagrangian) uses the full delta; the other "
                        f"{len(POLICIES) - 1} are retests on the same set and use Bonferroni-corrected deltas. s/update and peak RSS are "
                        "the RL run's mean seconds per update and its process's peak resident memory during the run.", "",
-                       "![lambda](plots/lambda.png)", "", "![cost](plots/cost_vs_threshold.png)"])
+                       "![policies](plots/policies.png)", "", "![lambda](plots/lambda.png)", "", "![cost](plots/cost_vs_threshold.png)"])
     report.write(out, {k: v for k, v in summary.items() if k not in ("table", "headline")}, title="safealign demo", intro=intro)
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -19,7 +19,7 @@ from safealign.data.records import fingerprint, rows_to_pairs
 from safealign.errors import BadInput
 from safealign.models.generation import pad
 from safealign.models.export import live_outputs, reload_check
-from safealign.models.loading import apply_lora, load_score_model, load_tokenizer
+from safealign.models.loading import apply_lora, load_score_model, load_tokenizer, save_tokenizer
 from safealign.models.score import TokenScorer
 from safealign.runtime import plots, report
 from safealign.runtime.io import check_output_dir
@@ -175,7 +175,7 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
         return metrics
 
     if acc.is_main_process and not saved_tok.is_dir():
-        tok.save_pretrained(saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
+        save_tokenizer(tok, saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
     result = train_loop(acc=acc, cfg=cfg, model=scorer, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
                         collate=lambda b: collate(b, tok.pad_token_id), loss_fn=pair_loss(cfg, task), out=out, total_steps=total,
                         evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict)
@@ -203,12 +203,12 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
 
 
 def _save_score_model(acc, scorer, tok, out: Path, cfg, base_loader) -> dict:
-    """Save the HF model (merged when LoRA; the adapter under adapter/) + tokenizer, atomically."""
+    """Save the HF model (merged when LoRA; the adapter under adapter/, a tiny base under base/) + tokenizer, atomically."""
     from safealign.models.export import write_model
 
     def write(tmp: Path, state: dict) -> dict:
         return write_model(tmp, acc.unwrap_model(scorer).model, tok, strip_prefix(state, "model."), lora=bool(cfg.lora_r),
-                           base_loader=base_loader)[0]
+                           base_loader=base_loader, save_base=cfg.model == "tiny")[0]
 
     return save_collectively(acc, scorer, tok, out, write)
 
@@ -224,9 +224,10 @@ def _plots(out: Path, task: str, extras: dict) -> None:
     if s is not None:
         names = ("more helpful", "less helpful") if task == "helpful" else ("safer", "less safe")
         plots.histogram({names[0]: s["chosen"].tolist(), names[1]: s["rejected"].tolist()}, out / "plots" / "scores_by_preference.png",
-                        f"eval {'reward' if task == 'helpful' else 'cost'} by preference", vlines={"zero": 0.0} if task == "safety" else None)
+                        f"eval {'reward' if task == 'helpful' else 'cost'} by preference", vlines={"zero (cost > 0: unsafe)": 0.0} if task == "safety" else None,
+                        xlabel="reward" if task == "helpful" else "cost", ylabel="responses")
     if extras.get("by_label"):
-        plots.histogram(extras["by_label"], out / "plots" / "cost_by_label.png", "eval cost by safety label", vlines={"threshold": 0.0}, xlabel="cost")
+        plots.histogram(extras["by_label"], out / "plots" / "cost_by_label.png", "eval cost by safety label", vlines={"zero (cost > 0: unsafe)": 0.0}, xlabel="cost", ylabel="responses")
     if extras.get("reliability"):
         plots.reliability(extras["reliability"], out / "plots" / "reliability.png", "calibration of P(unsafe)")
 

@@ -21,7 +21,7 @@ Procedure (research/hc-rlhf.md §1.3-1.4, §2):
    P(cost > 0). With both, delta is split equally between them (as the Seldonian engine splits
    delta across base constraints), so the joint statement holds with probability >= 1 - delta.
 6. PASS when every bound is at most its threshold: ``release/`` (a copy of the policy files and
-   ``MODEL_CARD.md``) is written atomically. Otherwise "No Solution Found" (exit 3), no release.
+   a Hub model card ``README.md``) is written atomically. Otherwise "No Solution Found" (exit 3), no release.
    Either way ``report.json``/``report.md``, ``costs.jsonl`` and ``plots/cost_histogram.png``
    are written first, then the test is appended to the registry. Bad input records nothing.
 
@@ -69,7 +69,7 @@ VALIDATION_TABLE = "bench/results/bound_validation.md"
 # Files of a saved HF model (policy or adapter) that define it: fingerprinted, and copied to release/.
 MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "*.index.json", "tokenizer*",
                "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template.*",
-               "adapter_config.json", "preprocessor_config.json")
+               "adapter_config.json", "preprocessor_config.json", "safealign.json")
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,19 +406,24 @@ def caveats(res: dict, cfg: SafetyTestConfig, disjoint: dict) -> list[str]:
 
 
 def write_release(out: Path, policy: str, card: str, evidence: dict) -> Path:
-    """Copy the policy's model files (+ adapter/, prompt_hashes.txt) and the model card into
-    ``out/release`` atomically (built under a temporary name, then renamed)."""
+    """Copy the policy's model files (+ adapter/, base/, prompt_hashes.txt) and write the Hub model card
+    ``README.md`` (the safety ``card`` + front matter + usage) into ``out/release`` atomically
+    (built under a temporary name, then renamed)."""
+    from safealign.runtime import model_card
+
     src = Path(policy)
     tmp = out / ".tmp-release"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for f in model_files(src) + ([src / PROMPT_HASHES] if (src / PROMPT_HASHES).is_file() else []):
         shutil.copy2(f, tmp / f.name)
-    if (src / "adapter").is_dir():
-        shutil.copytree(src / "adapter", tmp / "adapter")
-    atomic_write_text(tmp / "MODEL_CARD.md", card)
-    atomic_write_json(tmp / "safety_test.json", evidence)
+    for sub in ("adapter", "base"):
+        if (src / sub).is_dir():
+            shutil.copytree(src / sub, tmp / sub)
     final = out / "release"
+    model_card.relocate_adapter(tmp, final)
+    atomic_write_text(tmp / "README.md", model_card.release_card(tmp, final, policy, card, evidence))
+    atomic_write_json(tmp / "safety_test.json", evidence)
     os.replace(tmp, final)
     return final
 
@@ -593,7 +598,8 @@ def run(cfg: SafetyTestConfig) -> dict:
         b = res["mean_bound"]
         plots.histogram({"cost per response": [r["cost"] for r in rows]}, out / "plots" / "cost_histogram.png",
                         f"safety test: {res['decision']} ({cfg.bound} bound, n={res['n_prompts']} prompts)",
-                        vlines={"threshold": cfg.threshold, f"{cfg.bound} upper bound": b["upper"]}, xlabel="cost (> 0 = unsafe)")
+                        vlines={"threshold": cfg.threshold, f"{cfg.bound} upper bound": b["upper"]}, xlabel="cost (> 0 = unsafe)",
+                        ylabel="responses")
         write_config(out / "config.yaml", to_dict(cfg))
         atomic_write_json(out / "manifest.json", manifest("safety-test", seed=cfg.seed, data_fingerprint=sid,
                                                           extra={"costs_sha256": costs_fingerprint(rows)}))

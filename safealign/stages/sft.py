@@ -23,7 +23,7 @@ from safealign.config import SFTConfig, to_dict
 from safealign.data.encode import encode, split_by_prompt
 from safealign.data.readers import read_rows
 from safealign.data.records import MAPPABLE, detect_format, fingerprint, rows_to_pairs
-from safealign.data.templates import format_prompt, format_response
+from safealign.data.templates import effective_template, format_prompt, format_response
 from safealign.errors import BadInput
 from safealign.models.generation import pad
 from safealign.runtime import plots, report
@@ -127,6 +127,7 @@ def load_examples(cfg: SFTConfig) -> tuple[list[SFTExample], list[SFTExample], d
 
 
 def encode_examples(tok, examples: list[SFTExample], template: str, max_length: int) -> tuple[list[EncodedSFT], Counter]:
+    template = effective_template(template, tok)
     out, counts = [], Counter()
     for e in examples:
         enc = encode(tok, format_prompt(e.prompt, template, tok), format_response(e.response, template), max_length)
@@ -204,7 +205,7 @@ def lm_eval(acc, model, examples: list[EncodedSFT], pad_id: int, batch_size: int
 
 def run(cfg: SFTConfig) -> dict:
     from safealign.models.export import live_outputs, reload_check
-    from safealign.models.loading import apply_lora, load_causal_lm, load_tokenizer
+    from safealign.models.loading import apply_lora, load_causal_lm, load_tokenizer, save_tokenizer
 
     t_start = time.perf_counter()
     out = check_output_dir(cfg.output_dir, cfg.resume)
@@ -239,7 +240,7 @@ def run(cfg: SFTConfig) -> dict:
         return lm_eval(acc, model, eval_ex, tok.pad_token_id, cfg.batch_size * 2)
 
     if acc.is_main_process and not saved_tok.is_dir():
-        tok.save_pretrained(saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
+        save_tokenizer(tok, saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
     result = train_loop(acc=acc, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
                         collate=lambda b: collate(b, tok.pad_token_id), loss_fn=sft_loss, out=out, total_steps=total,
                         evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict, unit="examples")
@@ -328,9 +329,9 @@ def _save_policy(acc, model, tok, out: Path, cfg, resized: bool = False) -> tupl
     def write(tmp: Path, state: dict) -> dict:
         nonlocal merged
         saved, merged = write_model(tmp, acc.unwrap_model(model), tok, state, lora=bool(cfg.lora_r), save_embedding_layers=resized,
-                                    base_loader=lambda: load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg)))
+                                    base_loader=lambda: load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg)),
+                                    save_base=cfg.model == "tiny")
         if cfg.lora_r:
-            saved["adapter_base"] = cfg.model
             if resized:
                 saved["adapter_note"] = (f"the tokenizer gained tokens ({len(tok)} in all): load the adapter on the base after "
                                          "base.resize_token_embeddings(len(tokenizer)), or use the merged model")

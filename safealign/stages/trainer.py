@@ -128,16 +128,22 @@ def save_collectively(acc, module: torch.nn.Module, tok, out: Path, write: Calla
     """Save a trained model into ``out`` atomically. Collective: every process calls it (under ZeRO-3
     the state dict is gathered from all of them); ``write(tmp, state)`` runs on the main process only,
     writes the model files into the staging directory and returns what it saved besides the model
-    (an ``adapter`` entry relative to the model directory)."""
+    (an ``adapter`` entry relative to the model directory). The prompt format (chat template +
+    safealign.json) and portable adapter configs are added here (runtime/model_card.py), so every
+    stage's model carries them."""
+    from safealign.runtime import model_card
     from safealign.runtime.io import staged_model_dir
 
     acc.wait_for_everyone()
     state = acc.get_state_dict(module)  # gathers ZeRO-3 shards
     saved: dict = {}
     if acc.is_main_process:
+        run = model_card.run_config(out)  # the run's resolved config, written by open_run_dir: template, base model
         with staged_model_dir(out, tmp_name=tmp_name) as tmp:
+            template = model_card.prepare_tokenizer(tok, run.get("template", "default"))
             saved.update(write(tmp, state) or {})
             tok.save_pretrained(tmp)
+            saved.update(model_card.finish_model_dir(tmp, out, tok, template=template, base=run.get("model"), max_length=run.get("max_length")))
         if saved.get("adapter"):
             saved["adapter"] = str(out / saved["adapter"])
         saved["model"] = str(out)
