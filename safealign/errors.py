@@ -29,3 +29,8 @@ class BadInput(Exception):
 
 class SafetyTestFailed(Exception):
     """The high-confidence safety test did not pass: "No Solution Found" (exit code 3)."""
+
+
+class RunFinished(Exception):
+    """``--resume`` on a run that already finished (its report.json exists): nothing is trained and
+    nothing is written. The CLI prints the message and exits 0, so a retried command is harmless."""
