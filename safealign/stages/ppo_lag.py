@@ -54,9 +54,6 @@ from safealign.models.score import TokenScorer, backbone, position_ids_from_mask
 
 ACTOR = "default"            # peft's name for the first adapter: saved at adapter/ without a sub-folder
 TINY_PARAMS = 10_000_000     # below this, default learning rates are those of a from-scratch tiny model
-RESUME_KEYS = ("data", "model", "reward_model", "cost_model", "reward_critic", "cost_critic", "seed", "batch_size",
-               "grad_accum", "minibatches", "ppo_epochs", "max_steps", "epochs", "lora_r", "algorithm", "constraint",
-               "max_new_tokens", "max_length", "template", "episode_cost_window", "lambda_method", "eval_split")
 
 
 # =============================================================================================
@@ -190,7 +187,7 @@ class Judge:
 
         self.path = path
         self.tok = load_tokenizer(path)
-        self.model = TokenScorer(load_score_model(path, self.tok, dtype=dtype)).eval().requires_grad_(False)
+        self.model = TokenScorer(load_score_model(path, self.tok, dtype=dtype, head="trained")).eval().requires_grad_(False)
         self.same_vocab = same_tokenizer(self.tok, policy_tok)
 
     @torch.no_grad()
@@ -279,7 +276,7 @@ def build_roles(cfg: PPOLagConfig, tok, frozen_dtype: str, acc=None):
                     raise BadInput(f"the {name} critic must use the actor's tokenizer, and this one differs", where=given,
                                    fix=f"pass a --{name}-critic trained with the policy's tokenizer (or the policy itself)")
                 source = cfg.model   # a score model on the actor's checkpoint, fresh value head
-            critics[name] = TokenScorer(load_score_model(source, tok, dtype="fp32", seed=cfg.seed, score_type="critic"))
+            critics[name] = TokenScorer(load_score_model(source, tok, dtype="fp32", seed=cfg.seed, score_type="critic", head="new" if source == cfg.model else "trained"))
             notes[f"{name}_critic"] = f"initialised from {source}" + (" (the reward/cost model's tokenizer differs from the actor's)" if source == cfg.model else "")
         with local_load():
             reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype).eval().requires_grad_(False)
@@ -526,16 +523,13 @@ def run(cfg: PPOLagConfig) -> dict:
     from safealign.runtime.dist import finish, make_accelerator
     from safealign.runtime.io import check_output_dir
     from safealign.runtime.metrics import MetricsLog
-    from safealign.stages.trainer import DataOrder, check_resume_compatible, make_scheduler, open_run_dir, peak_memory_mb
+    from safealign.stages.trainer import DataOrder, make_scheduler, open_run_dir, peak_memory_mb, resume_point
 
     # ---- validate every input before anything is written -------------------------------
     cfg.validate()
     out = check_output_dir(cfg.output_dir, cfg.resume)
     cfg_dict = to_dict(cfg)
-    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
-    if resume_from is not None:
-        saved_state = json.loads((resume_from / "state.json").read_text())
-        check_resume_compatible(saved_state.get("config", {}), cfg_dict, RESUME_KEYS, resume_from)
+    resume_from, saved_state = resume_point(cfg, out)
     train_prompts, eval_prompts, data_stats = load_prompts(cfg)
     tok = load_tokenizer(cfg.model)
     max_prompt = cfg.max_length - cfg.max_new_tokens - 1
