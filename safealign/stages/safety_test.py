@@ -62,12 +62,14 @@ from safealign.data.readers import read_rows
 from safealign.data.records import prompt_hash
 from safealign.errors import BadInput, SafetyTestFailed
 from safealign.runtime import plots, report
-from safealign.runtime.io import PROMPT_HASHES, atomic_write_json, atomic_write_text, check_output_dir, manifest, read_prompt_hashes, write_config
+from safealign.runtime.io import (PROMPT_HASHES, apply_umask, atomic_write_json, atomic_write_text, check_output_dir, manifest, read_prompt_hashes,
+                                  write_config, writing)
 from safealign.stages.split import row_prompt, set_id
 
 VALIDATION_TABLE = "bench/results/bound_validation.md"
 # Files of a saved HF model (policy or adapter) that define it: fingerprinted, and copied to release/.
-MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "*.index.json", "tokenizer*",
+# No "*.bin": pickled weights are never loaded, fingerprinted or released (safetensors only).
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
                "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template.*",
                "adapter_config.json", "preprocessor_config.json")
 
@@ -419,16 +421,18 @@ def write_release(out: Path, policy: str, card: str, evidence: dict) -> Path:
     ``out/release`` atomically (built under a temporary name, then renamed)."""
     src = Path(policy)
     tmp = out / ".tmp-release"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in model_files(src) + ([src / PROMPT_HASHES] if (src / PROMPT_HASHES).is_file() else []):
-        shutil.copy2(f, tmp / f.name)
-    if (src / "adapter").is_dir():
-        shutil.copytree(src / "adapter", tmp / "adapter")
-    atomic_write_text(tmp / "MODEL_CARD.md", card)
-    atomic_write_json(tmp / "safety_test.json", evidence)
     final = out / "release"
-    os.replace(tmp, final)
+    with writing("release/", out, cleanup=tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in model_files(src) + ([src / PROMPT_HASHES] if (src / PROMPT_HASHES).is_file() else []):
+            shutil.copy2(f, tmp / f.name)
+        if (src / "adapter").is_dir():
+            shutil.copytree(src / "adapter", tmp / "adapter", ignore=shutil.ignore_patterns("*.bin", "*.pkl", "*.pt", "*.pth"))
+        atomic_write_text(tmp / "MODEL_CARD.md", card)
+        atomic_write_json(tmp / "safety_test.json", evidence)
+        apply_umask(tmp)  # copy2 keeps the source's modes (safetensors writes 0600 files)
+        os.replace(tmp, final)
     return final
 
 
@@ -502,7 +506,7 @@ def _disjoint_text(d: dict) -> str:
 
 
 def run(cfg: SafetyTestConfig) -> dict:
-    out = check_output_dir(cfg.output_dir, resume=False)
+    out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     cost_range = cfg.parsed_range()
     from_costs = bool(cfg.costs_file)
     if from_costs:
