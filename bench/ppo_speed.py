@@ -61,7 +61,7 @@ def build(root: Path, hidden: int, layers: int, heads: int, vocab: int) -> dict:
     policy.save_pretrained(paths["policy"])
     tok.save_pretrained(paths["policy"])
     for i, key in enumerate(("rm", "cm")):
-        load_score_model("tiny", tok, seed=i + 1, tiny=tiny).save_pretrained(paths[key])
+        load_score_model("tiny", tok, seed=i + 1, tiny=tiny, head="new").save_pretrained(paths[key])
         tok.save_pretrained(paths[key])
     paths["params"] = sum(p.numel() for p in policy.parameters())
     return paths

@@ -58,7 +58,7 @@ def worker(kind: str, data: str, steps: int, tok_dir: str) -> dict:
         from trl import RewardConfig as TRLConfig, RewardTrainer
 
         pairs = json.loads(Path(data + ".pairs.json").read_text())
-        model = load_score_model(tok_dir, tok, dtype="fp32")
+        model = load_score_model(tok_dir, tok, dtype="fp32", head="new")
         extra = {} if kind == "trl-defaults" else {"bf16": False, "gradient_checkpointing": False}
         args = TRLConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16, max_steps=steps, max_length=512, use_cpu=True,
                          report_to="none", save_strategy="no", learning_rate=1e-3, logging_steps=steps, disable_tqdm=True, **extra)

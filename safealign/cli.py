@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from safealign import config as C
-from safealign.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_SAFE, BadInput, PushFailed, SafetyTestFailed
+from safealign.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_SAFE, BadInput, PushFailed, RunFinished, SafetyTestFailed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -194,7 +194,7 @@ def _synth(cfg):
     from safealign.data.synth import write_world
     from safealign.runtime.io import check_output_dir
 
-    out = check_output_dir(cfg.output_dir, resume=False)
+    out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     paths = write_world(cfg.to_world(), out)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
@@ -246,8 +246,38 @@ def version() -> None:
         typer.echo(f"{k} {v}")
 
 
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, other click errors). Typer 0.29 bundles its own copy of click
+    (``typer._click``) and raises that copy's classes; a separately installed click's are caught too."""
+    import importlib
+
+    usage, other = [], []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.UsageError)
+        other.append(mod.ClickException)
+    return tuple(usage), tuple(other)
+
+
+def _show_usage_error(e) -> None:
+    """Print a usage error as typer's standalone mode does (its rich panel when rich is installed)."""
+    from typer import core
+
+    if getattr(core, "HAS_RICH", False) and app.rich_markup_mode is not None:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error(e)
+    elif type(e).__name__ != "NoArgsIsHelpError":
+        e.show()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: maps errors to exit codes (2 bad input, 3 safety test not passed, 1 other)."""
+    """Entry point: maps errors to exit codes (2 bad input, usage error or fixable disk fault;
+    3 safety test not passed; 1 other). Usage errors print typer's usage message, no traceback."""
+    usage_errors, click_errors = _click_errors()
     try:
         app(args=argv, standalone_mode=False)
     except BadInput as e:
@@ -259,21 +289,30 @@ def main(argv: list[str] | None = None) -> int:
     except PushFailed as e:
         typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
         return EXIT_ERROR
+    except RunFinished as e:
+        typer.echo(str(e), err=True)
+        return 0
+    except usage_errors as e:  # unknown command or option, bad or missing value; bare `safealign` (its help is printed already)
+        _show_usage_error(e)
+        return EXIT_BAD_INPUT
+    except click_errors as e:
+        e.show()
+        return e.exit_code or EXIT_ERROR
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         return EXIT_ERROR
     except typer.Exit as e:
         return e.exit_code
-    except Exception as e:  # click usage errors and the like
-        import click
+    except Exception as e:
+        from safealign.runtime.io import disk_fault
 
-        if isinstance(e, click.exceptions.UsageError):
-            e.show()
-            return EXIT_BAD_INPUT
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return EXIT_ERROR
-        raise
+        cause = disk_fault(e)
+        if cause is None:
+            raise
+        where = getattr(e, "filename", None)
+        typer.secho(f"error: {where + ': ' if where else ''}{cause} ({e}). Fix: free space or choose a writable --output-dir, "
+                    "then run the command again.", err=True, fg=typer.colors.RED)
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -23,9 +23,13 @@ from safealign.rl.algorithms import ALGORITHMS
 STAGE_NAMES = ("train-rm", "train-cost", "ppo-lag", "safety-test", "sft", "eval", "demo", "synth", "split", "inspect", "score-eval")
 
 
-def opt(default: Any, help: str, *, flag: bool = True, choices: tuple[str, ...] | None = None):
-    """A config field with its help text (``flag=False`` keeps it out of the CLI, YAML only)."""
-    meta = {"help": help, "flag": flag, "choices": choices}
+def opt(default: Any, help: str, *, flag: bool = True, choices: tuple[str, ...] | None = None, resume: str = "must-match"):
+    """A config field with its help text (``flag=False`` keeps it out of the CLI, YAML only).
+
+    ``resume="may-change"``: a ``--resume`` may give this field a new value (where and how often
+    things are written or checked, not what is trained); every other field must equal the run's, or
+    the resume is refused (stages.trainer.check_resume_compatible)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "resume": resume}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,7 +63,7 @@ class HubOptions:
 @dataclass
 class TrainOptions(HubOptions):
     model: str = opt("tiny", "Model to start from: a local path, a hub name, or 'tiny' (a tiny Llama built from a config with a tokenizer trained locally on the data; runs offline).")
-    output_dir: str | None = opt(None, "Output directory (required): model, checkpoints/, metrics.jsonl, report.json/.md, plots/, config.yaml, manifest.json.")
+    output_dir: str | None = opt(None, "Output directory (required): model, checkpoints/, metrics.jsonl, report.json/.md, plots/, config.yaml, manifest.json.", resume="may-change")
     epochs: float = opt(1.0, "Training epochs (ignored when --max-steps > 0).")
     max_steps: int = opt(0, "Total optimizer steps; overrides --epochs when > 0.")
     lr: float | None = opt(None, "Peak learning rate (default: 2e-5 for pretrained models, 1e-3 for --model tiny).")
@@ -70,18 +74,18 @@ class TrainOptions(HubOptions):
     lr_scheduler: str = opt("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
     seed: int = opt(42, "Random seed (model init, data order, sampling).")
-    resume: bool = opt(False, "Continue from the last complete checkpoint in --output-dir (same total steps).")
-    save_steps: int = opt(50, "Write a resumable checkpoint every N optimizer steps (0 = only at the end).")
-    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.")
-    eval_steps: int = opt(0, "Evaluate every N steps (0 = at the end of each epoch and at the end).")
-    log_steps: int = opt(5, "Log training metrics every N steps.")
+    resume: bool = opt(False, "Continue from the last complete checkpoint in --output-dir (same total steps).", resume="may-change")
+    save_steps: int = opt(50, "Write a resumable checkpoint every N optimizer steps (0 = only at the end).", resume="may-change")
+    keep_checkpoints: int = opt(2, "How many recent checkpoints to keep.", resume="may-change")
+    eval_steps: int = opt(0, "Evaluate every N steps (0 = at the end of each epoch and at the end).", resume="may-change")
+    log_steps: int = opt(5, "Log training metrics every N steps.", resume="may-change")
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tuning).")
     lora_alpha: int = opt(16, "LoRA alpha.")
     lora_dropout: float = opt(0.0, "LoRA dropout.")
     lora_targets: str = opt("all-linear", "LoRA target modules: 'all-linear' or comma-separated module names.")
-    report_to: str = opt("none", "Experiment tracker.", choices=("none", "tensorboard", "wandb"))
+    report_to: str = opt("none", "Experiment tracker.", choices=("none", "tensorboard", "wandb"), resume="may-change")
     dtype: str = opt("auto", "Training precision: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16.", choices=("auto", "fp32", "bf16"))
-    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.", resume="may-change")
     deepspeed: str | None = opt(None, "DeepSpeed JSON config (ZeRO stage, offload); use with accelerate launch / torchrun.")
     tiny_hidden: int = opt(64, "Hidden size of --model tiny.", flag=False)
     tiny_layers: int = opt(2, "Layers of --model tiny.", flag=False)
@@ -326,7 +330,7 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
     hc_c1: float = opt(1.0, "C1 of k = C1 t(1-delta, m-1)/sqrt(m) + C2 t(1-delta, n-1)/sqrt(n).")
     hc_c2: float = opt(2.0, "C2 of the same k (2 = the Seldonian inflation).")
     hc_safety_size: int = opt(100, "n: size of the safety set the model will be tested on.")
-    offload_frozen: bool = opt(False, "Keep the frozen reward/cost/reference models on CPU between phases (GPU memory saver).")
+    offload_frozen: bool = opt(False, "Keep the frozen reward/cost/reference models on CPU between phases (GPU memory saver).", resume="may-change")
 
     def validate(self) -> None:
         _validate_common(self)
@@ -449,6 +453,12 @@ class SafetyTestConfig(GenerationOptions, HubOptions):
             raise BadInput("no output directory given", fix="pass --output-dir DIR")
         if not self.costs_file and not (self.policy and self.cost_model and self.prompts):
             raise BadInput("safety-test needs --policy, --cost-model and --prompts (or --costs-file to re-run a decision)")
+        if self.costs_file and (self.policy or self.prompts):
+            given = " and ".join(f for f, v in (("--policy", self.policy), ("--prompts", self.prompts)) if v)
+            raise BadInput(f"--costs-file re-runs a decision from saved costs, without sampling any policy; {given} would be ignored, "
+                           "and a report naming a policy that was not sampled would be misleading",
+                           fix="drop " + given + " (to check the safety prompts against a policy's training prompts, pass "
+                               "--train-prompts POLICY_DIR/prompt_hashes.txt); to test a policy, run without --costs-file")
         if not 0 < self.delta < 1:
             raise BadInput(f"config key 'delta' = {self.delta} must be in (0, 1)")
         if self.alpha is not None and not 0 < self.alpha < 1:

@@ -34,3 +34,8 @@ class SafetyTestFailed(Exception):
 class PushFailed(Exception):
     """``--push-to-hub`` failed for a reason the user cannot fix from the command line (network,
     server): exit code 1, one paragraph, the local result kept. Refusals the user can fix are BadInput."""
+
+
+class RunFinished(Exception):
+    """``--resume`` on a run that already finished (its report.json exists): nothing is trained and
+    nothing is written. The CLI prints the message and exits 0, so a retried command is harmless."""

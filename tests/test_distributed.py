@@ -23,6 +23,34 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEALIGN_NO_PROGRESS": "1", "OMP_N
 BIN = Path(sys.executable).parent
 
 
+def kill_launch(pid: int) -> None:
+    """SIGKILL a launcher and every process under it. torch's elastic agent starts each worker in a
+    session of its own, so killing the launcher's process group alone leaves the workers training."""
+    import signal
+
+    def children(p: int) -> list[int]:
+        kids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == p:
+                kids.append(int(stat.parent.name))
+        return kids
+
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children(p)
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def losses(out: Path) -> list[float]:
     return [r["train/loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
 
@@ -70,7 +98,6 @@ def test_accelerate_deepspeed_matches_single_process(single, tmp_path, zero):
 
 
 def test_deepspeed_zero3_sigkill_and_resume_from_sharded_checkpoint(single, tmp_path):
-    import signal
     import time
 
     data, _ = single
@@ -84,8 +111,9 @@ def test_deepspeed_zero3_sigkill_and_resume_from_sharded_checkpoint(single, tmp_
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "checkpoints" / "step-00000006" / "state.json").exists():
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_launch(proc.pid)
     proc.wait()
+    time.sleep(1)
     assert not (out / "report.json").exists(), "finished before the kill"
     run([*launch, "--resume"])
     report = json.loads((out / "report.json").read_text())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import numpy as np
@@ -93,6 +94,9 @@ def test_pass_writes_release_report_costs_and_record(passed, policy_with_hashes)
     assert model_fingerprint(policy_with_hashes) in card
     assert model_fingerprint(rel) == model_fingerprint(policy_with_hashes)   # an exact copy of the tested model
     assert not (out / ".tmp-release").exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in rel.rglob("*") if p.is_file()} == {0o666 & ~mask}  # not 0600 (issue 13)
 
     from transformers import AutoModelForCausalLM
 

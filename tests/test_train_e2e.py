@@ -47,7 +47,7 @@ def reload_and_compare(out: Path, texts: list[str]) -> float:
     seqs = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
     ids, mask = pad(seqs, tok.pad_token_id)
     plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    ours = TokenScorer(load_score_model(str(out), tok)).eval()
+    ours = TokenScorer(load_score_model(str(out), tok, head="trained")).eval()
     with torch.no_grad():
         a = plain(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
         _, b, idx = ours(ids, mask)

@@ -25,7 +25,7 @@ def _open_text(path: Path) -> str:
         except OSError as e:
             raise BadInput(f"not a valid gzip file ({e})", where=str(path)) from None
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a UTF-8 byte-order mark (Excel, Notepad) is dropped
     except UnicodeDecodeError as e:
         raise BadInput(f"not UTF-8 text (byte {e.start})", where=str(path), fix="re-save the file as UTF-8") from None
 

@@ -91,8 +91,11 @@ def _as_id(value, where: str) -> int:
     if isinstance(value, bool):
         raise _RowError(f"{where} must be 0 or 1, got {value!r}", "wrong_type")
     try:
-        v = int(value)
-    except (TypeError, ValueError):
+        number = float(value.strip()) if isinstance(value, str) else value
+        if isinstance(number, float) and not number.is_integer():  # int(0.7) would silently make it 0
+            raise ValueError
+        v = int(number)
+    except (TypeError, ValueError, OverflowError):
         raise _RowError(f"{where} must be 0 or 1, got {value!r}", "wrong_type") from None
     if v not in (0, 1):
         raise _RowError(f"{where} must be 0 or 1, got {value!r}", "wrong_type")

@@ -128,7 +128,7 @@ def load_scorer(path: str, dtype: str = "auto", device: str | None = None):
     from safealign.models.score import TokenScorer
 
     tok = load_tokenizer(path)
-    scorer = TokenScorer(load_score_model(path, tok, dtype=dtype)).eval()
+    scorer = TokenScorer(load_score_model(path, tok, dtype=dtype, head="trained")).eval()
     if device:
         scorer.to(device)
     return scorer, tok

@@ -20,17 +20,135 @@ def is_tiny(name: str) -> bool:
     return name == "tiny"
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pkl", "*.pt", "*.pth", "*.ckpt")   # never loaded: unpickling can run code
+
+
 def _check_source(name: str, what: str) -> None:
     p = Path(name).expanduser()
     if p.exists():
-        if p.is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file() and what != "tokenizer":
-            raise BadInput(f"{what} directory has no config.json", where=str(p), fix="point at a directory written by save_pretrained (or a safealign output directory)")
+        if what != "tokenizer":
+            check_model_folder(p, what)
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise BadInput(f"{what} path not found", where=name, fix="check the path, or use --model tiny")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise BadInput(f"'{name}' is not a local path, and the hub is offline (HF_HUB_OFFLINE=1)",
                        fix="download the model and pass its local path, or unset HF_HUB_OFFLINE to load it from the hub")
+
+
+def _what_is(p: Path) -> str:
+    """Why ``p`` is not a model directory, in words."""
+    from safealign.runtime.io import describe_run_dir
+
+    if (p / "release").is_dir() or (p / "costs.jsonl").is_file():
+        hint = f"; the model it released is in {p / 'release'}" if (p / "release").is_dir() else " (it released nothing)"
+        return f"it is the output directory of a safety test, not a model{hint}"
+    held = describe_run_dir(p)
+    if held and (p / "checkpoints").is_dir():
+        return f"it holds {held} that has not saved its model yet (only checkpoints/): finish it with the same command and --resume"
+    if held:
+        return f"it holds {held}, which contains no model"
+    return "it has no config.json (a model directory holds what save_pretrained writes: config.json, model.safetensors, tokenizer files)"
+
+
+def check_model_folder(p: Path, what: str) -> None:
+    """A local model directory safealign may load: a model (config.json or an adapter), written
+    completely (a safealign run's report.json is there), with safetensors weights that are not cut
+    short; weights only in pickle files (``*.bin``) are refused, since unpickling can run code."""
+    import json
+
+    from safealign.runtime.io import check_safetensors
+
+    if not p.is_dir():
+        raise BadInput(f"{what} path is a file, not a model directory", where=str(p), fix="pass the directory that holds config.json")
+    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        raise BadInput(f"not a {what} directory: {_what_is(p)}", where=str(p),
+                       fix="point at a directory written by save_pretrained (or by safealign sft/train-rm/train-cost/ppo-lag, or a safety test's release/)")
+    if (p / "manifest.json").is_file() and not (p / "report.json").is_file():
+        raise BadInput(f"the safealign run that wrote this {what} did not finish (it has no report.json): it was stopped after saving "
+                       "the model and before its final checks, so the model is not accepted", where=str(p),
+                       fix="finish that run with the same command and --resume, then use it")
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        pickles = sorted(f.name for pattern in PICKLE_WEIGHTS for f in p.glob(pattern) if f.name != "training_args.bin")
+        if pickles:
+            raise BadInput(f"the {what}'s weights are pickle files ({', '.join(pickles[:3])}), which safealign never loads (unpickling can run code)",
+                           where=str(p), fix="convert them to safetensors where you trust the files: from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+    try:
+        explicit = json.loads((p / "config.json").read_text()).get("transformers_weights") if (p / "config.json").is_file() else None
+    except (ValueError, AttributeError):
+        raise BadInput("config.json is not valid JSON", where=str(p / "config.json")) from None
+    if explicit and not str(explicit).endswith((".safetensors", ".safetensors.index.json")):
+        raise BadInput(f"config.json names weights in a pickle file ({explicit}), which safealign never loads", where=str(p / "config.json"),
+                       fix="save the model with safe_serialization=True")
+    for f in weights:
+        check_safetensors(f)
+
+
+def check_score_config(name: str, what: str) -> None:
+    """A trained reward/cost model (or critic) is a ``*ForSequenceClassification`` with exactly one
+    label: refuse a causal LM (its score head would be initialised at random) before any weight is read."""
+    from transformers import AutoConfig
+
+    fix = "pass a model trained by safealign train-rm/train-cost (or any *ForSequenceClassification with num_labels=1 and its head saved)"
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot read the {what}'s config ({str(e).splitlines()[0]})", where=name) from None
+    archs = list(getattr(config, "architectures", None) or [])
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        missing = _missing_head_weights(name, config)
+        head = f" ({', '.join(missing)} not in the checkpoint)" if missing else ""
+        raise BadInput(f"this is a {archs[0]} checkpoint, not a {what}: a {what} is a *ForSequenceClassification with one label, and "
+                       f"loading this one would initialise its score head at random{head}, so every score would be noise", where=name, fix=fix)
+    if config.num_labels != 1:
+        raise BadInput(f"the {what} has {config.num_labels} labels; a {what} scores with exactly one (num_labels=1)", where=name, fix=fix)
+
+
+def _missing_head_weights(name: str, config) -> list[str]:
+    """Weights a one-label sequence classifier of this architecture needs that a local checkpoint
+    lacks (read from the safetensors headers; the model is built on the meta device, no memory)."""
+    import copy
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    p = Path(name).expanduser()
+    index = p / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            have = set(json.loads(index.read_text())["weight_map"])
+        else:
+            have = set()
+            for f in p.glob("*.safetensors"):
+                with safe_open(str(f), "pt") as fh:
+                    have |= set(fh.keys())
+        cfg = copy.deepcopy(config)
+        cfg.num_labels = 1
+        with torch.device("meta"):
+            need = set(AutoModelForSequenceClassification.from_config(cfg).state_dict())
+    except Exception:  # an architecture without a sequence-classification head, a hub name: say less
+        return []
+    return sorted(need - have) if have else []
+
+
+def _load_error(e: Exception, kind: str, name: str) -> BadInput:
+    from safealign.runtime.io import disk_fault
+
+    cause = disk_fault(e)
+    text = cause or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return BadInput(f"cannot load a {kind} ({text})", where=name)
+
+
+def _refuse_missing(info: dict, name: str, what: str) -> None:
+    """Weights the model needs that the checkpoint does not have (transformers would initialise them at random)."""
+    missing = sorted(info.get("missing_keys") or []) + sorted(k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise BadInput(f"not a usable {what}: the checkpoint lacks weights the model needs, which would be initialised at random ({shown})",
+                       where=name, fix="pass a model whose saved weights include them (for a reward/cost model: one trained by safealign train-rm/train-cost)")
 
 
 def train_tiny_tokenizer(texts: list[str], vocab_size: int = 1024):
@@ -100,7 +218,10 @@ def check_model_kind(path: str, what: str, flag: str, score_type: str | None = N
     """
     import json
 
-    cfg_file = Path(path).expanduser() / "config.json"
+    p = Path(path).expanduser()
+    if p.exists():
+        check_model_folder(p, what)
+    cfg_file = p / "config.json"
     if not cfg_file.is_file():
         return
     try:
@@ -121,9 +242,11 @@ def check_model_dir(path: str, what: str, flag: str, score_type: str | None = No
     fix = f"pass {flag} DIR written by safealign (or save_pretrained)"
     if not p.is_dir():
         raise BadInput(f"{what} directory not found", where=path, fix=fix)
+    check_model_kind(path, what, flag, score_type)
     if not (p / "config.json").is_file():
         raise BadInput(f"{what} directory has no config.json", where=path, fix=fix)
-    check_model_kind(path, what, flag, score_type)
+    if score_type:
+        check_score_config(str(p), what)
     load_tokenizer(str(p))  # raises BadInput when the tokenizer is missing or unreadable
 
 
@@ -175,27 +298,46 @@ def _fit_vocab(model, tok) -> None:
         gen.eos_token_id = tok.eos_token_id
 
 
-def load_score_model(name: str, tok, *, dtype: str = "auto", seed: int = 0, tiny: dict | None = None, score_type: str | None = None):
-    """A sequence-classification model (one score) from ``name`` (path/hub/causal LM checkpoint) or tiny."""
+def load_score_model(name: str, tok, *, head: str, dtype: str = "auto", seed: int = 0, tiny: dict | None = None,
+                     score_type: str | None = None):
+    """A sequence-classification model (one score) from ``name`` (path/hub/causal LM checkpoint) or tiny.
+
+    head="new":     the start of a score model's training (train-rm/train-cost from an SFT policy, a
+                    critic initialised from the policy): a causal-LM checkpoint gets a freshly
+                    initialised score head; a sequence-classification checkpoint keeps its own.
+    head="trained": a trained judge (a reward or cost model, a critic given by path): it must be a
+                    ``*ForSequenceClassification`` with one label whose weights, score head included,
+                    are all in the checkpoint; anything else is BadInput naming what is missing.
+    """
     import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
+    if head not in ("new", "trained"):
+        raise ValueError(f"head must be 'new' or 'trained', got {head!r}")
+    what = f"{score_type} model" if score_type in ("reward", "cost") else "critic" if score_type == "critic" else "score model"
     torch_dtype = pick_dtype(dtype)
     if is_tiny(name):
+        if head == "trained":
+            raise BadInput(f"'tiny' is not a trained {what}", fix="pass a directory written by safealign train-rm/train-cost")
         torch.manual_seed(seed)
         model = LlamaForSequenceClassification(tiny_config(tok, num_labels=1, **(tiny or {}))).to(torch_dtype)
     else:
         _check_source(name, "model")
+        if head == "trained":
+            check_score_config(name, what)
         verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # a causal-LM checkpoint prints an expected "score.weight MISSING" report
+        transformers.logging.set_verbosity_error()  # a causal-LM checkpoint prints a "score.weight MISSING" report (expected for head="new")
         try:
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=torch_dtype)
-        except (OSError, ValueError) as e:
-            raise BadInput(f"cannot load a score model ({str(e).splitlines()[0]})", where=name) from None
+            model, info = AutoModelForSequenceClassification.from_pretrained(name, dtype=torch_dtype, use_safetensors=True, output_loading_info=True,
+                                                                             **({"num_labels": 1} if head == "new" else {}))
+        except Exception as e:  # OSError, ValueError, RuntimeError (shapes), safetensors' own error
+            raise _load_error(e, "score model", name) from None
         finally:
             transformers.logging.set_verbosity(verbosity)
+        if head == "trained":
+            _refuse_missing(info, name, what)
     _fit_vocab(model, tok)
     if score_type:
         model.config.safealign_score_type = score_type
@@ -213,9 +355,10 @@ def load_causal_lm(name: str, tok, *, dtype: str = "auto", seed: int = 0, tiny: 
     else:
         _check_source(name, "model")
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-        except (OSError, ValueError) as e:
-            raise BadInput(f"cannot load a causal LM ({str(e).splitlines()[0]})", where=name) from None
+            model, info = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, use_safetensors=True, output_loading_info=True)
+        except Exception as e:  # OSError, ValueError, RuntimeError (shapes), safetensors' own error
+            raise _load_error(e, "causal LM", name) from None
+        _refuse_missing(info, name, "causal LM (policy)")
     _fit_vocab(model, tok)
     return model
 

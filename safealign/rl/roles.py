@@ -150,7 +150,7 @@ class Judge:
 
         self.path = path
         self.tok = load_tokenizer(path)
-        self.model = TokenScorer(load_score_model(path, self.tok, dtype=dtype)).eval().requires_grad_(False)
+        self.model = TokenScorer(load_score_model(path, self.tok, dtype=dtype, head="trained")).eval().requires_grad_(False)
         self.same_vocab = same_tokenizer(self.tok, policy_tok)
 
     @torch.no_grad()
@@ -234,7 +234,8 @@ def build_roles(cfg, tok, frozen_dtype: str, critic_names: tuple[str, ...]):
                     raise BadInput(f"the {name} critic must use the actor's tokenizer, and this one differs", where=given,
                                    fix=f"pass a --{name}-critic trained with the policy's tokenizer (or the policy itself)")
                 source = cfg.model   # a score model on the actor's checkpoint, fresh value head
-            critics[name] = TokenScorer(load_score_model(source, tok, dtype="fp32", seed=cfg.seed, score_type="critic"))
+            critics[name] = TokenScorer(load_score_model(source, tok, dtype="fp32", seed=cfg.seed, score_type="critic",
+                                                         head="new" if source == cfg.model else "trained"))
             notes[f"{name}_critic"] = f"initialised from {source}" + (" (the reward/cost model's tokenizer differs from the actor's)" if source == cfg.model else "")
         with local_load():
             reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype).eval().requires_grad_(False)

@@ -9,7 +9,6 @@ writes and restores a checkpoint on ``--resume``; :func:`save_state` writes one.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,6 @@ from safealign.config import PPOLagConfig, to_dict
 from safealign.errors import BadInput
 from safealign.rl.algorithms import Algorithm
 from safealign.rl.constraint import Constraint
-
-# Settings a checkpoint must have been made with to be resumed (the rest may change between runs).
-RESUME_KEYS = ("data", "model", "reward_model", "cost_model", "reward_critic", "cost_critic", "seed", "batch_size",
-               "grad_accum", "minibatches", "ppo_epochs", "max_steps", "epochs", "lora_r", "algorithm", "constraint",
-               "max_new_tokens", "max_length", "template", "episode_cost_window", "lambda_method", "eval_split",
-               "group_size", "kl_in", "advantage")
-
 
 @dataclass
 class RLRun:
@@ -132,22 +124,17 @@ def prepare(cfg: PPOLagConfig) -> RLRun:
     from safealign.models.generation import encode_prompts
     from safealign.models.loading import load_tokenizer
     from safealign.rl.roles import build_roles
-    from safealign.runtime import checkpoint as ckpt
     from safealign.runtime.dist import make_accelerator
     from safealign.runtime.io import check_output_dir
-    from safealign.stages.trainer import (check_resume_compatible, default_lr, make_optimizer, make_scheduler, param_groups,
-                                          reset_peak_memory, total_steps_for)
+    from safealign.stages.trainer import (default_lr, make_optimizer, make_scheduler, param_groups, reset_peak_memory, resume_point,
+                                          total_steps_for)
 
     reset_peak_memory()
     cfg.validate()
     algo = cfg.spec()
     out = check_output_dir(cfg.output_dir, cfg.resume)
     cfg_dict = to_dict(cfg)
-    resume_from = ckpt.latest_checkpoint(out) if cfg.resume else None
-    saved_state: dict = {}
-    if resume_from is not None:
-        saved_state = json.loads((resume_from / "state.json").read_text())
-        check_resume_compatible(saved_state.get("config", {}), cfg_dict, RESUME_KEYS, resume_from)
+    resume_from, saved_state = resume_point(cfg, out)     # settings, finished run, checkpoint integrity: all before any write
     train_prompts, eval_prompts, data_stats = load_prompts(cfg)
     tok = load_tokenizer(cfg.model)
     max_prompt = cfg.max_length - cfg.max_new_tokens - 1

@@ -278,10 +278,11 @@ def _validate(cfg: CostConfig) -> None:
 def run(cfg: CostConfig) -> dict:
     from safealign.models.loading import load_score_model, load_tokenizer, save_tokenizer
     from safealign.runtime.io import check_output_dir
-    from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, train_loop
+    from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, resume_point, train_loop
 
     _validate(cfg)
     out = check_output_dir(cfg.output_dir, cfg.resume)
+    resume_from, _ = resume_point(cfg, out)
     data = load_crowd_pairs(cfg)
     index = {a: i for i, a in enumerate(data.annotators)}
     saved_tok = out / "checkpoints" / "tokenizer"
@@ -292,8 +293,8 @@ def run(cfg: CostConfig) -> dict:
     if not train_ex:
         raise BadInput("no training pairs left after tokenisation", where=cfg.data)
     tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64))
-    model = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="cost")
-    base = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward") if cfg.crowd_baseline else None
+    model = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="cost", head="new")
+    base = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward", head="new") if cfg.crowd_baseline else None
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         if base is not None:
@@ -325,7 +326,7 @@ def run(cfg: CostConfig) -> dict:
     result = train_loop(acc=acc, cfg=cfg, model=net, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
                         collate=lambda b: collate(b, tok.pad_token_id),
                         loss_fn=lambda m, b: m(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device), b["annotator"].to(acc.device)),
-                        out=out, total_steps=total, evaluate=evaluate if seen_eval else None, cfg_dict=cfg_dict)
+                        out=out, total_steps=total, resume_from=resume_from, evaluate=evaluate if seen_eval else None, cfg_dict=cfg_dict)
     summary: dict = {}
     acc.wait_for_everyone()
     if acc.is_main_process:

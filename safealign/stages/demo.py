@@ -40,7 +40,7 @@ def run(cfg: C.DemoConfig) -> dict:
     from safealign.data.synth import WorldConfig, write_world
     from safealign.stages import evaluate, ppo_lag, preference, safety_test, sft
 
-    out = check_output_dir(cfg.output_dir, resume=False)
+    out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     world = out / "world"
     # Every stage's settings are checked before anything is written: a bad combination (say
     # --max-new-tokens beyond ppo-lag's max_length) must not surface after minutes of training.

@@ -346,7 +346,7 @@ def run(cfg) -> dict:
 
     t0 = time.perf_counter()
     # Validate everything before anything is written.
-    out = check_output_dir(cfg.output_dir, resume=False)
+    out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     distinct, prompt_stats = _read_prompts(cfg)
     prompts = [p for _ in range(cfg.samples) for p in distinct]  # sample k of each prompt: k passes over the set
     prompt_stats["samples_per_prompt"] = cfg.samples

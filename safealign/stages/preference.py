@@ -23,7 +23,7 @@ from safealign.models.loading import apply_lora, load_score_model, load_tokenize
 from safealign.models.score import TokenScorer
 from safealign.runtime import plots, report
 from safealign.runtime.io import check_output_dir
-from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, save_collectively, strip_prefix, train_loop
+from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, resume_point, save_collectively, strip_prefix, train_loop
 
 
 def load_pairs(cfg: PreferenceConfig, task: str):
@@ -133,6 +133,7 @@ def eval_metrics(task: str, s: dict[str, torch.Tensor], bins: int = 10) -> tuple
 def run(cfg: PreferenceConfig, task: str) -> dict:
     stage = "train-rm" if task == "helpful" else "train-cost"
     out = check_output_dir(cfg.output_dir, cfg.resume)
+    resume_from, _ = resume_point(cfg, out)
     train_pairs, eval_pairs, data_stats = load_pairs(cfg, task)
     if task == "safety" and cfg.sign_weight > 0 and not any(p.chosen_unsafe is not None for p in train_pairs):
         data_stats["mode"] = "ranking-only (no per-response safety labels in the data)"
@@ -145,7 +146,8 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
         raise BadInput("no training pairs left after tokenisation", where=cfg.data)
     tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64))
     def load_base():
-        return load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward" if task == "helpful" else "cost")
+        return load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward" if task == "helpful" else "cost",
+                                head="new")
 
     model = load_base()
     if cfg.lora_r:
@@ -178,7 +180,7 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
         save_tokenizer(tok, saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
     result = train_loop(acc=acc, cfg=cfg, model=scorer, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
                         collate=lambda b: collate(b, tok.pad_token_id), loss_fn=pair_loss(cfg, task), out=out, total_steps=total,
-                        evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict)
+                        resume_from=resume_from, evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict)
     probe = collate((eval_ex or train_ex)[:16], tok.pad_token_id)
     scorer.eval()
     live = live_outputs(scorer, "score", probe["input_ids"], probe["attention_mask"])  # collective: under ZeRO-3 every process takes part

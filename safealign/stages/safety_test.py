@@ -62,12 +62,14 @@ from safealign.data.readers import read_rows
 from safealign.data.prompts import hash_of, prompt_text, read_prompts, row_prompt
 from safealign.errors import BadInput, SafetyTestFailed
 from safealign.runtime import plots, report
-from safealign.runtime.io import PROMPT_HASHES, atomic_write_json, atomic_write_text, check_output_dir, manifest, read_prompt_hashes, write_config
+from safealign.runtime.io import (PROMPT_HASHES, apply_umask, atomic_write_json, atomic_write_text, check_output_dir, manifest, read_prompt_hashes,
+                                  write_config, writing)
 from safealign.stages.split import set_id
 
 VALIDATION_TABLE = "bench/results/bound_validation.md"
 # Files of a saved HF model (policy or adapter) that define it: fingerprinted, and copied to release/.
-MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.bin", "*.index.json", "tokenizer*",
+# No "*.bin": pickled weights are never loaded, fingerprinted or released (safetensors only).
+MODEL_FILES = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer*",
                "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template.*",
                "adapter_config.json", "preprocessor_config.json", "safealign.json")
 
@@ -413,18 +415,20 @@ def write_release(out: Path, policy: str, card: str, evidence: dict) -> Path:
 
     src = Path(policy)
     tmp = out / ".tmp-release"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in model_files(src) + ([src / PROMPT_HASHES] if (src / PROMPT_HASHES).is_file() else []):
-        shutil.copy2(f, tmp / f.name)
-    for sub in ("adapter", "base"):
-        if (src / sub).is_dir():
-            shutil.copytree(src / sub, tmp / sub)
     final = out / "release"
-    model_card.relocate_adapter(tmp, final)
-    atomic_write_text(tmp / "README.md", model_card.release_card(tmp, final, policy, card, evidence))
-    atomic_write_json(tmp / "safety_test.json", evidence)
-    os.replace(tmp, final)
+    with writing("release/", out, cleanup=tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in model_files(src) + ([src / PROMPT_HASHES] if (src / PROMPT_HASHES).is_file() else []):
+            shutil.copy2(f, tmp / f.name)
+        for sub in ("adapter", "base"):
+            if (src / sub).is_dir():
+                shutil.copytree(src / sub, tmp / sub, ignore=shutil.ignore_patterns("*.bin", "*.pkl", "*.pt", "*.pth"))
+        model_card.relocate_adapter(tmp, final)
+        atomic_write_text(tmp / "README.md", model_card.release_card(tmp, final, policy, card, evidence))
+        atomic_write_json(tmp / "safety_test.json", evidence)
+        apply_umask(tmp)  # copy2 keeps the source's modes (safetensors writes 0600 files)
+        os.replace(tmp, final)
     return final
 
 
@@ -498,7 +502,7 @@ def _disjoint_text(d: dict) -> str:
 
 
 def run(cfg: SafetyTestConfig) -> dict:
-    out = check_output_dir(cfg.output_dir, resume=False)
+    out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     cost_range = cfg.parsed_range()
     from_costs = bool(cfg.costs_file)
     if from_costs:

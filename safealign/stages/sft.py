@@ -28,7 +28,7 @@ from safealign.errors import BadInput
 from safealign.models.generation import pad
 from safealign.runtime import plots, report
 from safealign.runtime.io import check_output_dir
-from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, save_collectively, train_loop
+from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, resume_point, save_collectively, train_loop
 
 IGNORE = -100
 SFT_KEYS = ("prompt", "response")
@@ -209,6 +209,7 @@ def run(cfg: SFTConfig) -> dict:
 
     t_start = time.perf_counter()
     out = check_output_dir(cfg.output_dir, cfg.resume)
+    resume_from, _ = resume_point(cfg, out)
     train_rows, eval_rows, data_stats = load_examples(cfg)
     saved_tok = out / "checkpoints" / "tokenizer"
     tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
@@ -243,7 +244,7 @@ def run(cfg: SFTConfig) -> dict:
         save_tokenizer(tok, saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
     result = train_loop(acc=acc, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
                         collate=lambda b: collate(b, tok.pad_token_id), loss_fn=sft_loss, out=out, total_steps=total,
-                        evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict, unit="examples")
+                        resume_from=resume_from, evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict, unit="examples")
     probe = (eval_ex or train_ex)[:8]
     pb = collate(probe, tok.pad_token_id)
     model.eval()

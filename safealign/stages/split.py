@@ -48,7 +48,7 @@ def _jsonl(rows: list[dict]) -> str:
 
 
 def run(cfg: SplitConfig) -> dict:
-    out = check_output_dir(cfg.output_dir, resume=False)
+    out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     rows = read_rows(cfg.data, cfg.data_split)
     if not rows:
         raise BadInput("the data has no rows", where=cfg.data)

@@ -8,6 +8,8 @@ LR schedule, logging, atomic checkpoints and ``--resume``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import resource
@@ -19,8 +21,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from safealign.errors import BadInput
+from safealign.errors import BadInput, RunFinished
 from safealign.runtime import checkpoint as ckpt
+from safealign.runtime.io import writing
 from safealign.runtime.metrics import MetricsLog
 
 
@@ -110,16 +113,21 @@ def prepare_training(cfg, model: torch.nn.Module, n_examples: int, out: Path, *,
 def open_run_dir(acc, cfg, out: Path, stage: str, *, cfg_dict: dict, prompts: list[str], inherit_from: list, data_fingerprint: str | None,
                  extra: dict) -> None:
     """The first writes of a run (config.yaml, prompt_hashes.txt, manifest.json on the main process) and
-    the experiment trackers. Call it only once every input has been validated."""
+    the experiment trackers. Call it only once every input has been validated (and, with --resume,
+    :func:`resume_point` has accepted the run): a resume whose data or process count changed is
+    refused here, before the first byte is written."""
     from safealign.runtime.io import atomic_write_json, manifest, write_config, write_prompt_hashes
 
+    if cfg.resume:
+        check_resumed_inputs(acc, out, data_fingerprint)
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_partial(out)
-        write_config(out / "config.yaml", cfg_dict)
-        write_prompt_hashes(out, prompts, inherit_from=inherit_from)
-        atomic_write_json(out / "manifest.json", manifest(stage, seed=cfg.seed, data_fingerprint=data_fingerprint,
-                                                          extra={**extra, "world_size": acc.num_processes}))
+        with writing("the run directory", out):
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_partial(out)
+            write_config(out / "config.yaml", cfg_dict)
+            write_prompt_hashes(out, prompts, inherit_from=inherit_from)
+            atomic_write_json(out / "manifest.json", manifest(stage, seed=cfg.seed, data_fingerprint=data_fingerprint,
+                                                              extra={**extra, "world_size": acc.num_processes}))
     if cfg.report_to != "none":
         acc.init_trackers(stage, config={k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool))})
 
@@ -198,38 +206,101 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def check_resume_compatible(saved: dict, current: dict, keys: tuple[str, ...], path: Path) -> None:
-    diff = [k for k in keys if saved.get(k) != current.get(k)]
+# --------------------------------------------------------------------------------------------
+# --resume: honoured or refused, never silently ignored
+
+
+def resume_may_change(cfg) -> set[str]:
+    """Config fields a resumed run may change (declared next to each field: ``opt(..., resume="may-change")``);
+    they change where and how often things are written, not what is trained."""
+    return {f.name for f in dataclasses.fields(cfg) if f.metadata.get("resume") == "may-change"}
+
+
+def check_resume_compatible(saved: dict, cfg, path: Path) -> None:
+    """Refuse a resume whose settings differ from the run's in any field but :func:`resume_may_change`'s.
+    A field the saved config lacks (added to safealign since) counts as its default."""
+    free, diff = resume_may_change(cfg), []
+    for f in dataclasses.fields(cfg):
+        if f.name in free:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        now = getattr(cfg, f.name)
+        before = saved.get(f.name, default)
+        if before != now:
+            diff.append(f"{f.name}: {before!r} -> {now!r}")
     if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in diff)
-        raise BadInput(f"cannot resume: the checkpoint was made with different settings ({detail})", where=str(path),
-                       fix="resume with the original settings, or start a new --output-dir")
+        raise BadInput(f"cannot resume: the run was made with different settings ({', '.join(diff)})", where=str(path),
+                       fix="resume with the original settings (only " + ", ".join(sorted(free)) + " may change), or start a new --output-dir")
 
 
-RESUME_KEYS = ("data", "model", "seed", "batch_size", "grad_accum", "max_steps", "epochs", "lora_r", "max_length")
+def resume_point(cfg, out: Path) -> tuple[Path | None, dict]:
+    """Where ``--resume`` continues: (latest complete checkpoint or None, its state.json). Every check
+    that can refuse the resume runs here, before the stage writes anything: the settings must be the
+    run's (:func:`check_resume_compatible`), a finished run is not trained again (:class:`RunFinished`),
+    and the checkpoint must be complete and free of pickles (checkpoint.verify_checkpoint)."""
+    if not cfg.resume:
+        return None, {}
+    out = Path(out)
+    last = ckpt.latest_checkpoint(out)
+    if last is not None:
+        try:
+            recorded, where = json.loads((last / "state.json").read_text()).get("config") or {}, last
+        except (OSError, ValueError, AttributeError):
+            raise BadInput("state.json of the checkpoint is unreadable", where=str(last), fix="delete that checkpoint to resume from an earlier one") from None
+    else:
+        recorded, where = _recorded_config(out), out / "config.yaml"
+    if recorded:
+        check_resume_compatible(recorded, cfg, where)
+    if (out / "report.json").is_file():
+        raise RunFinished(f"{out}: this run already finished (its report.json is there), so --resume has nothing to do; "
+                          "nothing was trained or written. To train again, choose a new --output-dir.")
+    return last, (ckpt.verify_checkpoint(last) if last is not None else {})
+
+
+def _recorded_config(out: Path) -> dict:
+    import yaml
+
+    f = out / "config.yaml"
+    if not f.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(f.read_text())
+    except (OSError, yaml.YAMLError):
+        raise BadInput("the run's config.yaml is unreadable", where=str(f), fix="restore it, or start a new --output-dir") from None
+    return data if isinstance(data, dict) else {}
+
+
+def check_resumed_inputs(acc, out: Path, data_fingerprint: str | None) -> None:
+    """With --resume: the training data (its fingerprint in manifest.json) and the number of processes
+    (the checkpoint's) must be those of the run. Nothing is written."""
+    try:
+        before = json.loads((Path(out) / "manifest.json").read_text()).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    if before and data_fingerprint and before != data_fingerprint:
+        raise BadInput(f"cannot resume: the training data changed since the run started (fingerprint {before[:12]}... -> {data_fingerprint[:12]}...)",
+                       where=str(Path(out) / "manifest.json"), fix="resume with the data the run was started with, or start a new --output-dir")
+    last = ckpt.latest_checkpoint(out)
+    if last is not None:
+        ckpt.check_world_size(json.loads((last / "state.json").read_text()), acc.num_processes, last)
 
 
 def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, examples: list, collate: Callable[[list], dict],
                loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], out: Path, total_steps: int,
-               evaluate: Callable[[int], dict] | None = None, on_checkpoint_state: Callable[[], dict] | None = None,
-               cfg_dict: dict | None = None, unit: str = "pairs") -> LoopResult:
+               resume_from: Path | None, evaluate: Callable[[int], dict] | None = None,
+               on_checkpoint_state: Callable[[], dict] | None = None, cfg_dict: dict | None = None, unit: str = "pairs") -> LoopResult:
     """Run optimizer steps ``[start, total_steps)``; returns where it stopped and throughput. The caller has
-    opened ``out`` with :func:`open_run_dir` (which also removes half-written checkpoints)."""
+    opened ``out`` with :func:`open_run_dir` (which also removes half-written checkpoints); ``resume_from``
+    is :func:`resume_point`'s checkpoint (None: start at step 0)."""
     world, rank = acc.num_processes, acc.process_index
     log = MetricsLog(out / "metrics.jsonl", acc)
     order = DataOrder(len(examples), cfg.seed)
     start, resumed_from = 0, None
-    if cfg.resume:
-        last = ckpt.latest_checkpoint(out)
-        if last is not None:
-            import json
-
-            saved = json.loads((last / "state.json").read_text())
-            check_resume_compatible(saved.get("config", {}), cfg_dict or {}, RESUME_KEYS, last)
-            state = ckpt.load_checkpoint(acc, last)
-            start = resumed_from = state["step"]
-            log.truncate_after(start)
-            acc.print(f"resumed from {last} (step {start}/{total_steps})")
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(acc, resume_from)
+        start = resumed_from = state["step"]
+        log.truncate_after(start)
+        acc.print(f"resumed from {resume_from} (step {start}/{total_steps})")
     if start == 0:
         log.truncate_after(0)  # a run killed before its first checkpoint starts again from nothing
     micro = cfg.batch_size
