@@ -8,7 +8,6 @@ transformers' pooling reads the token before EOS when pad == EOS).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from safealign.errors import BadInput
@@ -20,7 +19,7 @@ def is_tiny(name: str) -> bool:
     return name == "tiny"
 
 
-def _check_source(name: str, what: str) -> None:
+def _check_source(name: str, what: str, revision: str | None = None) -> None:
     p = Path(name).expanduser()
     if p.exists():
         if p.is_dir() and not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file() and what != "tokenizer":
@@ -28,9 +27,21 @@ def _check_source(name: str, what: str) -> None:
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise BadInput(f"{what} path not found", where=name, fix="check the path, or use --model tiny")
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise BadInput(f"'{name}' is not a local path, and the hub is offline (HF_HUB_OFFLINE=1)",
-                       fix="download the model and pass its local path, or unset HF_HUB_OFFLINE to load it from the hub")
+    from safealign.runtime import hub
+
+    hub.require(name, "model" if what == "tokenizer" else what, kind="model", revision=revision)
+
+
+def _is_hub(name: str) -> bool:
+    return not Path(name).expanduser().exists()
+
+
+def _load_failed(e: Exception, name: str, what: str) -> BadInput:
+    if _is_hub(name):
+        from safealign.runtime import hub
+
+        return hub.load_error(e, name, what)
+    return BadInput(f"cannot load {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})", where=name)
 
 
 def train_tiny_tokenizer(texts: list[str], vocab_size: int = 1024):
@@ -49,8 +60,9 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int = 1024):
     return tok
 
 
-def load_tokenizer(name: str, *, train_texts: list[str] | None = None, vocab_size: int = 1024):
-    """Tokenizer of ``name`` with an EOS and a pad token distinct from it (added when missing)."""
+def load_tokenizer(name: str, *, train_texts: list[str] | None = None, vocab_size: int = 1024, revision: str | None = None):
+    """Tokenizer of ``name`` with an EOS and a pad token distinct from it (added when missing);
+    ``revision`` applies to a hub name."""
     if is_tiny(name):
         if not train_texts:
             raise BadInput("--model tiny needs texts to train its tokenizer on")
@@ -58,11 +70,11 @@ def load_tokenizer(name: str, *, train_texts: list[str] | None = None, vocab_siz
     else:
         from transformers import AutoTokenizer
 
-        _check_source(name, "tokenizer")
+        _check_source(name, "tokenizer", revision)
         try:
-            tok = AutoTokenizer.from_pretrained(name)
+            tok = AutoTokenizer.from_pretrained(name, **_rev(name, revision))
         except (OSError, ValueError) as e:
-            raise BadInput(f"cannot load a tokenizer ({str(e).splitlines()[0]})", where=name) from None
+            raise _load_failed(e, name, "a tokenizer") from None
     ensure_special_tokens(tok)
     return tok
 
@@ -147,7 +159,13 @@ def _fit_vocab(model, tok) -> None:
         gen.eos_token_id = tok.eos_token_id
 
 
-def load_score_model(name: str, tok, *, dtype: str = "auto", seed: int = 0, tiny: dict | None = None, score_type: str | None = None):
+def _rev(name: str, revision: str | None) -> dict:
+    """from_pretrained's revision argument, for a hub name only."""
+    return {"revision": revision} if revision and _is_hub(name) else {}
+
+
+def load_score_model(name: str, tok, *, dtype: str = "auto", seed: int = 0, tiny: dict | None = None, score_type: str | None = None,
+                     revision: str | None = None):
     """A sequence-classification model (one score) from ``name`` (path/hub/causal LM checkpoint) or tiny."""
     import torch
     import transformers
@@ -158,14 +176,14 @@ def load_score_model(name: str, tok, *, dtype: str = "auto", seed: int = 0, tiny
         torch.manual_seed(seed)
         model = LlamaForSequenceClassification(tiny_config(tok, num_labels=1, **(tiny or {}))).to(torch_dtype)
     else:
-        _check_source(name, "model")
+        _check_source(name, "model", revision)
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # a causal-LM checkpoint prints an expected "score.weight MISSING" report
         try:
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=torch_dtype)
+            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, dtype=torch_dtype, **_rev(name, revision))
         except (OSError, ValueError) as e:
-            raise BadInput(f"cannot load a score model ({str(e).splitlines()[0]})", where=name) from None
+            raise _load_failed(e, name, "a score model") from None
         finally:
             transformers.logging.set_verbosity(verbosity)
     _fit_vocab(model, tok)
@@ -174,7 +192,7 @@ def load_score_model(name: str, tok, *, dtype: str = "auto", seed: int = 0, tiny
     return model
 
 
-def load_causal_lm(name: str, tok, *, dtype: str = "auto", seed: int = 0, tiny: dict | None = None):
+def load_causal_lm(name: str, tok, *, dtype: str = "auto", seed: int = 0, tiny: dict | None = None, revision: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -183,11 +201,11 @@ def load_causal_lm(name: str, tok, *, dtype: str = "auto", seed: int = 0, tiny: 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(tiny_config(tok, **(tiny or {}))).to(torch_dtype)
     else:
-        _check_source(name, "model")
+        _check_source(name, "model", revision)
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, **_rev(name, revision))
         except (OSError, ValueError) as e:
-            raise BadInput(f"cannot load a causal LM ({str(e).splitlines()[0]})", where=name) from None
+            raise _load_failed(e, name, "a causal LM") from None
     _fit_vocab(model, tok)
     return model
 

@@ -252,7 +252,7 @@ def build_roles(cfg: PPOLagConfig, tok, frozen_dtype: str, acc=None):
     notes["reward_model"] = {"path": cfg.reward_model, "fed": "token ids" if reward.same_vocab else "re-tokenized text"}
     if cost is not None:
         notes["cost_model"] = {"path": cfg.cost_model, "fed": "token ids" if cost.same_vocab else "re-tokenized text"}
-    actor = load_causal_lm(cfg.model, tok, dtype="fp32")
+    actor = load_causal_lm(cfg.model, tok, dtype="fp32", revision=cfg.revision)
     if cfg.lora_r:
         actor = apply_lora(actor, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="CAUSAL_LM")
         import copy
@@ -282,7 +282,7 @@ def build_roles(cfg: PPOLagConfig, tok, frozen_dtype: str, acc=None):
             critics[name] = TokenScorer(load_score_model(source, tok, dtype="fp32", seed=cfg.seed, score_type="critic"))
             notes[f"{name}_critic"] = f"initialised from {source}" + (" (the reward/cost model's tokenizer differs from the actor's)" if source == cfg.model else "")
         with local_load():
-            reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype).eval().requires_grad_(False)
+            reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype, revision=cfg.revision).eval().requires_grad_(False)
         notes["reference"] = f"frozen copy of {cfg.model}"
         if cfg.gradient_checkpointing:
             actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -310,7 +310,7 @@ def load_prompts(cfg: PPOLagConfig) -> tuple[list, list, dict]:
     from safealign.data.records import Pair, normalize_prompt
 
     def prompts_of(source: str) -> tuple[list, dict]:
-        rows = read_rows(source, cfg.data_split)
+        rows = read_rows(source, cfg.data_split, config=cfg.data_config, revision=cfg.data_revision)
         if not rows:
             raise BadInput("no rows", where=source)
         col = cfg.columns.get("prompt", "prompt")
@@ -371,7 +371,7 @@ def load_ptx(cfg: PPOLagConfig, tok) -> list:
     from safealign.stages.sft import encode_examples, rows_to_examples
 
     columns = {k: v for k, v in cfg.columns.items() if k in ("prompt", "response")}
-    examples, _ = rows_to_examples(read_rows(cfg.ptx_data, cfg.data_split), source=cfg.ptx_data, fmt="sft", columns=columns,
+    examples, _ = rows_to_examples(read_rows(cfg.ptx_data, cfg.data_split, config=cfg.data_config, revision=cfg.data_revision), source=cfg.ptx_data, fmt="sft", columns=columns,
                                    invalid_rows=cfg.invalid_rows, preference_response="better")
     return encode_examples(tok, examples, cfg.template, cfg.max_length)[0]
 
@@ -482,7 +482,7 @@ def save_policy(acc, learner, tok, out: Path, cfg: PPOLagConfig) -> dict:
 
         actor.save_pretrained(tmp / "adapter", selected_adapters=[ACTOR], state_dict=inner)
         with local_load():
-            base = load_causal_lm(cfg.model, tok, dtype="fp32")
+            base = load_causal_lm(cfg.model, tok, dtype="fp32", revision=cfg.revision)
         merged = PeftModel.from_pretrained(base, str(tmp / "adapter")).merge_and_unload()
         merged.save_pretrained(tmp, safe_serialization=True)
         return {"adapter": str(out / "adapter")}
@@ -537,7 +537,7 @@ def run(cfg: PPOLagConfig) -> dict:
         saved_state = json.loads((resume_from / "state.json").read_text())
         check_resume_compatible(saved_state.get("config", {}), cfg_dict, RESUME_KEYS, resume_from)
     train_prompts, eval_prompts, data_stats = load_prompts(cfg)
-    tok = load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model, revision=cfg.revision)
     max_prompt = cfg.max_length - cfg.max_new_tokens - 1
     train_ids = encode_prompts(tok, train_prompts, cfg.template, max_prompt)
     eval_ids = encode_prompts(tok, eval_prompts, cfg.template, max_prompt)

@@ -21,7 +21,7 @@ import torch
 
 from safealign.config import SFTConfig, to_dict
 from safealign.data.encode import encode, split_by_prompt
-from safealign.data.readers import read_rows
+from safealign.data.readers import read_data
 from safealign.data.records import MAPPABLE, detect_format, fingerprint, rows_to_pairs
 from safealign.data.templates import format_prompt, format_response
 from safealign.errors import BadInput
@@ -114,10 +114,10 @@ def rows_to_examples(rows: list[dict], *, source: str, fmt: str, columns: dict[s
 
 def load_examples(cfg: SFTConfig) -> tuple[list[SFTExample], list[SFTExample], dict]:
     kw = dict(fmt=cfg.data_format, columns=cfg.columns, invalid_rows=cfg.invalid_rows, preference_response=cfg.preference_response)
-    examples, st = rows_to_examples(read_rows(cfg.data, cfg.data_split), source=cfg.data, max_samples=cfg.max_samples, **kw)
+    examples, st = rows_to_examples(read_data(cfg, cfg.data), source=cfg.data, max_samples=cfg.max_samples, **kw)
     stats = {"train_source": st}
     if cfg.eval_data:
-        evals, est = rows_to_examples(read_rows(cfg.eval_data, cfg.data_split), source=cfg.eval_data, **kw)
+        evals, est = rows_to_examples(read_data(cfg, cfg.eval_data), source=cfg.eval_data, **kw)
         stats["eval_source"] = est
         return examples, evals, stats
     train, evals = split_by_prompt(examples, cfg.eval_split, cfg.seed)  # held-out prompts: all their rows
@@ -211,11 +211,11 @@ def run(cfg: SFTConfig) -> dict:
     saved_tok = out / "checkpoints" / "tokenizer"
     tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
     tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(train_rows, cfg.template) if tok_source == "tiny" else None,
-                         vocab_size=cfg.tiny_vocab)
+                         vocab_size=cfg.tiny_vocab, revision=cfg.revision)
     train_ex, train_counts = encode_examples(tok, train_rows, cfg.template, cfg.max_length)
     eval_ex, eval_counts = encode_examples(tok, eval_rows, cfg.template, cfg.max_length)
     tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64) + cfg.check_max_new_tokens)
-    model = load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny)
+    model = load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, revision=cfg.revision)
     resized = _embeddings_resized(cfg.model, model)
     if cfg.lora_r:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="CAUSAL_LM")

@@ -23,7 +23,7 @@ import json
 import random
 
 from safealign.config import SplitConfig
-from safealign.data.readers import read_rows
+from safealign.data.readers import read_data
 from safealign.data.records import parse_hh_dialogue, prompt_hash
 from safealign.errors import BadInput
 from safealign.runtime import report
@@ -72,7 +72,7 @@ def _jsonl(rows: list[dict]) -> str:
 
 def run(cfg: SplitConfig) -> dict:
     out = check_output_dir(cfg.output_dir, resume=False)
-    rows = read_rows(cfg.data, cfg.data_split)
+    rows = read_data(cfg, cfg.data)
     if not rows:
         raise BadInput("the data has no rows", where=cfg.data)
     hashes = [prompt_hash(row_prompt(r, cfg.prompt_column, where=cfg.data, index=i)) for i, r in enumerate(rows, start=1)]
