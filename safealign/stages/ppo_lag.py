@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -519,8 +518,6 @@ def verify_policy(acc, out: Path, learner_u: Learner, tok, exp: Experience, comp
 
 
 def run(cfg: PPOLagConfig) -> dict:
-    from tqdm.auto import tqdm
-
     from safealign.models.loading import load_tokenizer
     from safealign.runtime import checkpoint as ckpt
     from safealign.runtime.dist import finish, make_accelerator
@@ -614,8 +611,8 @@ def run(cfg: PPOLagConfig) -> dict:
 
         batch = sft_collate([ptx[i] for i in ptx_order.take(update * micro * world + rank * micro, micro)], tok.pad_token_id)
         return {k: v.to(acc.device) for k, v in batch.items()}
-    bar = tqdm(total=total, initial=start, desc=out.name, dynamic_ncols=True,
-               disable=not acc.is_local_main_process or os.environ.get("SAFEALIGN_NO_PROGRESS") == "1")
+    from safealign.runtime.progress import progress
+    bar = progress(total, out.name, initial=start, enabled=acc.is_local_main_process)
     last: dict = {}
     exp = None
     t_run = time.perf_counter()
