@@ -296,9 +296,9 @@ def run(cfg: CostConfig) -> dict:
     model = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="cost", revision=cfg.revision)
     base = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward", revision=cfg.revision) if cfg.crowd_baseline else None
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         if base is not None:
-            base.gradient_checkpointing_enable()
+            base.activation_checkpointing_enable()
     net = CrowdNet(model, len(data.annotators), cfg, base)
 
     from safealign.runtime.dist import finish

@@ -266,8 +266,8 @@ def build_roles(cfg: PPOLagConfig, tok, frozen_dtype: str, acc=None):
         reference = None
         notes["reference"] = "the policy base with adapters disabled"
         if cfg.gradient_checkpointing:
-            actor.get_base_model().gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": adapter_checkpoint_context(actor)})
+            actor.get_base_model().activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": adapter_checkpoint_context(actor)})
     else:
         critics = {}
         for name in critic_names:
@@ -284,9 +284,9 @@ def build_roles(cfg: PPOLagConfig, tok, frozen_dtype: str, acc=None):
             reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype, revision=cfg.revision).eval().requires_grad_(False)
         notes["reference"] = f"frozen copy of {cfg.model}"
         if cfg.gradient_checkpointing:
-            actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            actor.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             for c in critics.values():
-                c.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                c.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     learner = Learner(actor, critics, lora=bool(cfg.lora_r))
     if cfg.lora_r:  # the actor's adapter active, every adapter trainable (add_adapter leaves the new ones frozen)
         switch_adapter(actor, ACTOR)

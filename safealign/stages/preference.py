@@ -148,7 +148,7 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
     if cfg.lora_r:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="SEQ_CLS")
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
 
     from safealign.runtime.dist import finish
 
