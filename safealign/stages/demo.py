@@ -183,9 +183,29 @@ def _open(cfg: C.DemoConfig, out: Path) -> dict:
         return json.loads((out / STATE).read_text())
     out.mkdir(parents=True, exist_ok=True)
     write_config(out / "config.yaml", C.to_dict(cfg))
+    from safealign.runtime.io import manifest
+
+    atomic_write_json(out / "manifest.json", manifest("demo", seed=cfg.seed, extra={"compute": compute_facts()}))
     state = {"seconds": {}, "complete": False}
     _save_state(out, state)
     return state
+
+
+def compute_facts() -> dict:
+    """What the demo's digits depend on besides the code, the settings and constraints.txt: the CPU
+    and the kernels torch picks for it (the README says what is reproducible where)."""
+    import platform
+
+    import numpy
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
+            "mkl": torch.backends.mkl.is_available(), "cuda": torch.cuda.is_available(), "numpy": numpy.__version__}
 
 
 def _save_state(out: Path, state: dict) -> None:
