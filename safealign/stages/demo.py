@@ -53,8 +53,12 @@ POLICIES = (("sft", "SFT policy"),) + tuple((r.name, r.label) for r in RL_RUNS)
 STAGE_CONFIGS = {"sft": C.SFTConfig, "train-rm": C.RewardConfig, "train-cost": C.CostConfig, "ppo-lag": C.PPOLagConfig,
                  "safety-test": C.SafetyTestConfig, "eval": C.EvalConfig}
 
-# Expected share of the demo's time per stage kind (measured: bench/results/demo_stage_seconds.md), for the ETA.
-STAGE_WEIGHTS = {"synth": 1.0, "sft": 20.0, "train-rm": 6.0, "train-cost": 6.0, "rl": 40.0, "safety-test": 2.0, "eval": 6.0}
+# Seconds per stage kind, for the ETA only: a full run of seed 0 on the 2 shared cores, and the quick
+# run of bench/results/demo_reproducibility.md. Their ratios matter, not their size.
+STAGE_WEIGHTS = {
+    "full": {"synth": 1.0, "sft": 85.0, "train-rm": 33.0, "train-cost": 35.0, "rl": 60.0, "safety-test": 2.0, "eval": 10.0},
+    "quick": {"synth": 0.4, "sft": 9.6, "train-rm": 1.5, "train-cost": 1.5, "rl": 1.8, "safety-test": 0.8, "eval": 1.4},
+}
 
 
 def stage_keys() -> list[str]:
@@ -94,7 +98,8 @@ def run(cfg: C.DemoConfig) -> dict:
         summary["headline"] = f"{out}: this demo is already complete (delete the directory or pass another --output-dir to run it again). {summary['headline']}"
         return summary
 
-    counter = StageCounter({k: STAGE_WEIGHTS[k.split(":")[0]] for k in stage_keys()}, "demo")
+    weights = STAGE_WEIGHTS["quick" if cfg.quick else "full"]
+    counter = StageCounter({k: weights[k.split(":")[0]] for k in stage_keys()}, "demo")
     seconds: dict[str, float] = dict(state.get("seconds", {}))
     results: dict[str, dict] = {}
 
