@@ -86,7 +86,7 @@ def test_rl_runs_are_data(monkeypatch):
     from safealign import config as C
     from safealign.stages import demo
 
-    runs = demo.RL_RUNS + (demo.RLRun("extra", "another RL run", {"algorithm": "ppo", "kl_coeff": 0.2}),)
+    runs = demo.RL_RUNS + (demo.RLRun("extra", "another RL run", lambda cfg: {"algorithm": "ppo", "kl_coeff": 4 * cfg.kl_coeff}),)
     monkeypatch.setattr(demo, "RL_RUNS", runs)
     monkeypatch.setattr(demo, "POLICIES", (("sft", "SFT policy"),) + tuple((r.name, r.label) for r in runs))
     from pathlib import Path

@@ -23,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from safealign import config as C
 from safealign.errors import BadInput, SafetyTestFailed
@@ -38,8 +39,11 @@ class RLRun:
 
     name: str                                   # sub-directory (out/NAME, out/safety/NAME, out/eval/NAME) and key
     label: str                                  # its row in the table
-    overrides: dict = field(default_factory=dict)
+    overrides: dict | Callable[[C.DemoConfig], dict] = field(default_factory=dict)   # or a function of the demo's settings
     candidate: bool = False                     # the policy to release: the first safety test, with the full delta
+
+    def settings(self, cfg: C.DemoConfig) -> dict:
+        return self.overrides(cfg) if callable(self.overrides) else dict(self.overrides)
 
 
 # The RL runs, in the table's order. A new run is one more entry here.
@@ -267,7 +271,7 @@ def _stage_overrides(cfg: C.DemoConfig, out: Path, world: Path, *, threshold: fl
           "threshold": train_threshold, "lambda_init": cfg.lambda_init, "lambda_lr": cfg.lambda_lr, "eval_split": 0.0, "max_length": 128,
           "save_steps": 0 if q else 50}
     for r in RL_RUNS:
-        plan[f"ppo-lag:{r.name}"] = {**rl, **r.overrides, "output_dir": str(out / r.name)}
+        plan[f"ppo-lag:{r.name}"] = {**rl, **r.settings(cfg), "output_dir": str(out / r.name)}
     candidates = {r.name for r in RL_RUNS if r.candidate}
     for name, _ in POLICIES:
         plan[f"safety-test:{name}"] = {
