@@ -1,7 +1,10 @@
 # safealign: install into .venv, run the tests, run the demo.
+# `make test` and `make demo` install first when .venv/ is missing or older than pyproject.toml /
+# constraints.txt (the stamp file $(INSTALLED)); `make install` does only that.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+INSTALLED ?= $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -12,25 +15,30 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch first (CPU wheel, no CUDA packages), then the pinned stack; constraints.txt keeps torch in place.
-install: $(BIN)/python
+$(INSTALLED): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/pip check
+	touch $@
 
-test:
+install: $(INSTALLED)
+
+test: $(INSTALLED)
 	$(BIN)/python -m pytest -m "not slow_demo"
 
-demo:
+# A second `make demo` resumes an interrupted demo, or says the finished one is done.
+demo: $(INSTALLED)
 	$(BIN)/safealign demo --output-dir demo-out
 
 # the full demo as a test: fails unless the method's claim is visible (minutes; not part of make test)
-demo-check:
+demo-check: $(INSTALLED)
 	$(BIN)/python -m pytest -m slow_demo
 
-bench:
+bench: $(INSTALLED)
 	$(BIN)/python bench/train_rm_speed.py
 	$(BIN)/python bench/bound_validation.py --reps 2000 --out bench/results/bound_validation.md
 	$(BIN)/python bench/ppo_speed.py --out bench/results/ppo_speed.md
+	$(BIN)/python bench/startup.py --out bench/results/startup.md
 
 clean:
 	rm -rf demo-out runs .pytest_cache

@@ -182,7 +182,7 @@ def make_score_model(dtype, attention, ckpt, lora_r=0):
     if lora_r:
         m = apply_lora(m, r=lora_r, alpha=16, dropout=0.0, targets="all-linear", task="SEQ_CLS").to(dtype)   # as DeepSpeed's bf16 engine casts
     if ckpt:
-        (m.get_base_model() if lora_r else m).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        (m.get_base_model() if lora_r else m).activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     m.train()
     return TokenScorer(m)
 
@@ -213,7 +213,7 @@ def case_sft(dtype: str, attention: str, ckpt: bool) -> tuple[dict, dict]:
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(attn_implementation=attention)).to(tdtype).train()
     if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ids, mask = batch(BATCH, SEQ)
     labels = ids.masked_fill(mask == 0, -100)
 
@@ -250,14 +250,14 @@ def build_learner(dtype, ckpt: bool, lora_r: int):
         actor.to(dtype)    # peft keeps adapters in fp32; a DeepSpeed bf16 engine casts the whole learner
         critics = {k: v.to(dtype) for k, v in critics.items()}
         if ckpt:
-            actor.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            actor.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         critics = {n: TokenScorer(LlamaForSequenceClassification(llama_config(num_labels=1)).to(dtype)) for n in ("reward", "cost")}
         frozen.append(LlamaForCausalLM(llama_config()).to(dtype))     # reference
         if ckpt:
-            actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            actor.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             for c in critics.values():
-                c.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                c.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     learner = Learner(actor, critics, lora=bool(lora_r))
     learner._use(ACTOR)
     learner.train()

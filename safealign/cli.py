@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -19,14 +20,15 @@ import typer
 from safealign import config as C
 from safealign.errors import EXIT_BAD_INPUT, EXIT_ERROR, EXIT_NOT_SAFE, BadInput, PushFailed, RunFinished, SafetyTestFailed
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-app = typer.Typer(help="Safe RLHF from the command line: reward model, cost model, PPO-Lagrangian, and a high-confidence safety test.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(help="Safe RLHF from the command line: reward model, cost model, PPO-Lagrangian, and a high-confidence safety test. "
+                       "`safealign COMMAND --help` lists a command's options by panel with their defaults; every option is also a "
+                       "key of a YAML recipe (--config).",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect, split and synthesise datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -39,41 +41,85 @@ def _option_type(tp) -> Any:
     return Optional[inner]
 
 
+# Rich reads "[word...]" in help text as a style tag and drops it ("E[cost]" became "E", every
+# "[default: ...]" vanished); a backslash before the bracket keeps it literal.
+_RICH_TAG = re.compile(r"\[(?=[a-z#/@][^\[]*?\])")
+NEG = "_no__"  # keyword of the hidden --no-FLAG option of a bool field
+
+# Panels of --help in this order (others after them, in the order they first appear).
+PANEL_ORDER = ("Options", "Data", "Model", "Training", "Loss", "Cost model", "Crowd (--crowd)", "SFT", "RL", "Lagrangian",
+               "HC-RLHF constraint (--constraint hc)", "Generation", "Safety test", "Evaluation", "Split", "World", "Sizes",
+               "Annotators", "Plan", "Cluster", "Demo", "Stages", "Thresholds and multiplier", "Output and checkpoints", "Output")
+
+
+def _show(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def option_help(f, default) -> str:
+    """The --help text of a config field: its help, its choices and its default, never eaten by markup."""
+    text = f.metadata.get("help", "")
+    inner, _ = C._base_type(f.type)
+    if typing.get_origin(inner) is dict:
+        text += " (repeatable)"
+    if f.metadata.get("choices"):
+        text += f" [choices: {', '.join(f.metadata['choices'])}]"
+    if inner is bool:
+        text += f" [default: on; --no-{f.name.replace('_', '-')} turns it off]" if default else " [default: off]"
+    elif default not in (None, {}, [], ""):
+        text += f" [default: {_show(default)}]"
+    return _escape(text)
+
+
+def _escape(text: str) -> str:
+    return _RICH_TAG.sub(r"\\[", text) if typer.core.HAS_RICH else text
+
+
 def config_command(target: typer.Typer, name: str, cls, runner: Callable[[Any], Any], section: str | None = None,
                    recipe_flag: bool = True):
     """Register ``name`` on ``target`` with one flag per config field, running ``runner(cfg)``.
 
-    ``recipe_flag=False`` leaves ``--config`` to a field of ``cls`` (a command whose recipe is another stage's)."""
-    params, annotations = [], {}
+    ``recipe_flag=False`` leaves ``--config`` to a field of ``cls`` (a command whose recipe is another stage's).
+    Options are grouped in --help panels by :func:`safealign.config.field_panel`."""
+    params, annotations, negs = [], {}, []
     if recipe_flag:
         params.append(inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
                                         default=typer.Option(None, "--config", "-c", help="YAML recipe; flags override its values.")))
         annotations["config"] = Optional[Path]
-    for f in C.config_fields(cls):
-        if not f.metadata.get("flag", True):
-            continue
+    fields = [f for f in C.config_fields(cls) if f.metadata.get("flag", True)]
+    panels = {f.name: C.field_panel(cls, f) for f in fields}
+    seen = list(dict.fromkeys(panels.values()))
+    rank = {p: (PANEL_ORDER.index(p) if p in PANEL_ORDER else len(PANEL_ORDER) + seen.index(p)) for p in seen}
+    for f in sorted(fields, key=lambda f: rank[panels[f.name]]):
         flag = "--" + f.name.replace("_", "-")
         inner, _ = C._base_type(f.type)
-        helptext = f.metadata.get("help", "")
-        choices = f.metadata.get("choices")
-        if choices:
-            helptext += f" [choices: {', '.join(choices)}]"
         default = f.default if f.default is not dataclasses_missing() else f.default_factory()  # type: ignore[misc]
-        if default not in (None, {}, []):
-            helptext += f" [default: {default}]"
-        if inner is bool:
-            decl = [f"{flag}/--no-{flag[2:]}"]
-        elif typing.get_origin(inner) is dict:
-            decl = ["--" + f.name.rstrip("s").replace("_", "-")]
-            helptext += " (repeatable)"
+        metavar = None
+        if typing.get_origin(inner) is dict:
+            decl, metavar = ["--" + f.name.rstrip("s").replace("_", "-")], "KEY=VALUE"
         else:
             decl = [flag]
         tp = _option_type(f.type)
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=tp,
-                                        default=typer.Option(None, *decl, help=helptext, show_default=False)))
+                                        default=typer.Option(None, *decl, help=option_help(f, default), show_default=False,
+                                                             metavar=metavar, rich_help_panel=panels[f.name])))
         annotations[f.name] = tp
+        if inner is bool:  # --no-FLAG: its own hidden option, so --help keeps one narrow name column
+            negs.append(f.name)
+            params.append(inspect.Parameter(NEG + f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool],
+                                            default=typer.Option(None, "--no-" + flag[2:], hidden=True)))
+            annotations[NEG + f.name] = Optional[bool]
 
     def command(**kwargs):
+        for key in negs:
+            if kwargs.pop(NEG + key):
+                if kwargs[key]:
+                    raise BadInput(f"both --{key.replace('_', '-')} and --no-{key.replace('_', '-')} given", fix="give one of them")
+                kwargs[key] = False
         config_path = kwargs.pop("config") if recipe_flag else None
         cfg = C.build_config(cls, config_path, kwargs, section=section or name)
         return runner(cfg)
@@ -81,7 +127,7 @@ def config_command(target: typer.Typer, name: str, cls, runner: Callable[[Any], 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = annotations
     command.__doc__ = (cls.__doc__ or "").strip()
-    target.command(name, help=command.__doc__)(command)
+    target.command(name, help=_escape(" ".join(command.__doc__.split())))(command)
 
 
 def dataclasses_missing():
@@ -94,16 +140,12 @@ def dataclasses_missing():
 
 
 def _quiet() -> None:
-    """No per-file progress bars from transformers/datasets (our own progress bar stays)."""
-    from transformers.utils import logging as hf_logging
+    """No per-file progress bars from transformers/datasets/huggingface_hub (our own progress stays).
 
-    hf_logging.disable_progress_bar()
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
+    By environment, read when those libraries are imported: importing transformers and datasets
+    here only to switch their bars off cost a re-decision from --costs-file 1.4 s."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")       # huggingface_hub, and transformers' own bars
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def _pushed(cfg, run: Callable[[Any], dict], stage: str) -> dict:
@@ -235,6 +277,25 @@ config_command(data_app, "split", C.SplitConfig, _split)
 config_command(data_app, "synth", C.SynthConfig, _synth)
 config_command(app, "plan", C.PlanConfig, _plan, recipe_flag=False)
 config_command(app, "demo", C.DemoConfig, _demo)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        try:
+            typer.echo(f"safealign {dist_version('safealign')}")
+        except PackageNotFoundError:
+            from safealign import __version__
+
+            typer.echo(f"safealign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(version: Optional[bool] = typer.Option(None, "--version", is_eager=True, callback=_print_version,
+                                                  help="Print the version of safealign and exit (`safealign version`: the whole stack).")) -> None:
+    """The top-level options (--version, shell completion)."""
 
 
 @app.command("version")

@@ -23,26 +23,65 @@ from safealign.rl.algorithms import ALGORITHMS
 STAGE_NAMES = ("train-rm", "train-cost", "ppo-lag", "safety-test", "sft", "eval", "demo", "synth", "split", "inspect", "score-eval")
 
 
-def opt(default: Any, help: str, *, flag: bool = True, choices: tuple[str, ...] | None = None, resume: str = "must-match"):
-    """A config field with its help text (``flag=False`` keeps it out of the CLI, YAML only).
+def opt(default: Any, help: str, *, flag: bool = True, choices: tuple[str, ...] | None = None, resume: str = "must-match",
+        panel: str | None = None):
+    """A config field with its help text (``flag=False`` keeps it out of the CLI, YAML only; ``panel``
+    overrides the ``--help`` panel that :func:`help_panels` gives it).
 
     ``resume="may-change"``: a ``--resume`` may give this field a new value (where and how often
     things are written or checked, not what is trained); every other field must equal the run's, or
     the resume is refused (stages.trainer.check_resume_compatible)."""
-    meta = {"help": help, "flag": flag, "choices": choices, "resume": resume}
+    meta = {"help": help, "flag": flag, "choices": choices, "resume": resume, "panel": panel}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------
+# --help panels: a field's panel is its class's default, or the panel the class (or a subclass)
+# names it in, or opt(panel=...). A field redeclared by a subclass keeps the panel of the class
+# that introduced it unless the subclass names it. Fields nobody names land in the default, so a
+# new field needs no panel line.
+
+_PANELS: dict[type, tuple[str, dict[str, str]]] = {}
+
+
+def help_panels(default: str, named: dict[str, str] | None = None):
+    """Class decorator: ``--help`` panel of the class's fields, ``default`` unless ``named``
+    (``{"Panel title": "field_a field_b"}``) lists them elsewhere."""
+    by_field = {name: title for title, names in (named or {}).items() for name in names.split()}
+
+    def wrap(cls):
+        _PANELS[cls] = (default, by_field)
+        return cls
+
+    return wrap
+
+
+def field_panel(cls, f: dataclasses.Field) -> str:
+    """The ``--help`` panel of field ``f`` of config class ``cls``."""
+    if f.metadata.get("panel"):
+        return f.metadata["panel"]
+    mro = [k for k in cls.__mro__ if k in _PANELS]
+    for k in mro:
+        if f.name in _PANELS[k][1]:
+            return _PANELS[k][1][f.name]
+    introduced = [k for k in cls.__mro__ if f.name in k.__dict__.get("__annotations__", {})]
+    origin = introduced[-1] if introduced else cls
+    return _PANELS[origin][0] if origin in _PANELS else (_PANELS[mro[0]][0] if mro else "Options")
+
+
+# --------------------------------------------------------------------------------------------
 # Shared pieces
 
 
+@help_panels("Data")
 @dataclass
 class DataOptions:
     data: str | None = opt(None, "Training data: .jsonl/.json/.csv/.parquet (optionally .gz), a saved HF dataset directory, or a hub dataset name.")
     data_split: str = opt("train", "Split to read when --data is a HF dataset (directory or hub name).")
+    data_config: str | None = opt(None, "Configuration (subset) name of a hub dataset, as datasets.load_dataset(name, CONFIG), e.g. --data-config default.")
+    data_revision: str | None = opt(None, "Revision (branch, tag or commit) of a hub dataset given to --data / --eval-data.")
     eval_data: str | None = opt(None, "Evaluation data (same formats as --data). When absent, --eval-split of the training data is held out.")
     eval_split: float = opt(0.1, "Fraction of the training data held out for evaluation when --eval-data is not given (0 disables evaluation).")
     data_format: str = opt("auto", "Row format: auto (detect), pku (PKU-SafeRLHF columns), hh (hh-rlhf chosen/rejected dialogues), pairs (prompt/chosen/rejected columns).", choices=("auto", "pku", "hh", "pairs"))
@@ -53,6 +92,8 @@ class DataOptions:
     max_length: int = opt(512, "Maximum tokens of prompt + response + EOS. Longer pairs are truncated (prompt from the left first, then the response), never dropped; the report counts them.")
 
 
+@help_panels("Training", {"Model": "model revision lora_r lora_alpha lora_dropout lora_targets dtype gradient_checkpointing deepspeed",
+                          "Output and checkpoints": "output_dir resume save_steps keep_checkpoints eval_steps log_steps report_to"})
 @dataclass
 class HubOptions:
     push_to_hub: bool = opt(False, "After the run succeeded and its checks passed, upload the result to the Hugging Face Hub (training stages: the output directory without checkpoints/; safety-test: release/ on PASS only). The token comes from HF_TOKEN or `hf auth login`; it is checked before the run starts.")
@@ -63,6 +104,7 @@ class HubOptions:
 @dataclass
 class TrainOptions(HubOptions):
     model: str = opt("tiny", "Model to start from: a local path, a hub name, or 'tiny' (a tiny Llama built from a config with a tokenizer trained locally on the data; runs offline).")
+    revision: str | None = opt(None, "Revision (branch, tag or commit) of --model when it is a hub name (the hub's default branch otherwise).")
     output_dir: str | None = opt(None, "Output directory (required): model, checkpoints/, metrics.jsonl, report.json/.md, plots/, config.yaml, manifest.json.", resume="may-change")
     epochs: float = opt(1.0, "Training epochs (ignored when --max-steps > 0).")
     max_steps: int = opt(0, "Total optimizer steps; overrides --epochs when > 0.")
@@ -93,6 +135,7 @@ class TrainOptions(HubOptions):
     tiny_vocab: int = opt(1024, "Tokenizer vocabulary of --model tiny.", flag=False)
 
 
+@help_panels("Loss")
 @dataclass
 class PreferenceConfig(DataOptions, TrainOptions):
     loss_type: str = opt("sequence", "Loss granularity: sequence (end scores) or token (every token from the first differing token to EOS, as in Safe RLHF).", choices=("sequence", "token"))
@@ -107,6 +150,7 @@ class RewardConfig(PreferenceConfig):
     """`safealign train-rm`: a reward model of helpfulness from preference pairs (Bradley-Terry)."""
 
 
+@help_panels("Cost model", {"Crowd (--crowd)": "crowd min_labels_per_annotator crowd_taste_axes crowd_shared crowd_head_l2 crowd_zero_quantile crowd_baseline"})
 @dataclass
 class CostConfig(PreferenceConfig):
     """`safealign train-cost`: a cost model of harm (Safe RLHF cost loss; cost > 0 means unsafe)."""
@@ -279,6 +323,7 @@ def to_dict(cfg) -> dict:
 # Later stages
 
 
+@help_panels("Generation")
 @dataclass
 class GenerationOptions:
     max_new_tokens: int = opt(64, "Tokens generated per response at most.")
@@ -286,6 +331,9 @@ class GenerationOptions:
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.")
 
 
+@help_panels("RL", {"Training": "batch_size lr", "Model": "reward_model cost_model reward_critic cost_critic offload_frozen",
+                    "Lagrangian": "threshold lambda_init lambda_lr lambda_max lambda_update_delay lambda_method pid_kp pid_ki pid_kd episode_cost_window normalize_by_lambda constraint",
+                    "HC-RLHF constraint (--constraint hc)": "hc_delta hc_c1 hc_c2 hc_safety_size"})
 @dataclass
 class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
     """`safealign ppo-lag`: PPO-Lagrangian (Safe RLHF): maximise reward subject to E[cost] <= threshold."""
@@ -405,6 +453,7 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
         return self.kl_estimator if self.kl_estimator != "auto" else "k1" if self.kl_in_reward() else "k3"
 
 
+@help_panels("SFT")
 @dataclass
 class SFTConfig(DataOptions, TrainOptions):
     """`safealign sft`: supervised fine-tuning of a starting policy on prompt/response data."""
@@ -423,6 +472,8 @@ class SFTConfig(DataOptions, TrainOptions):
             raise BadInput(f"config key 'check_max_new_tokens' = {self.check_max_new_tokens} must be >= 1")
 
 
+@help_panels("Safety test", {"Model": "policy cost_model dtype", "Data": "prompts prompt_column max_prompts train_prompts template",
+                                 "Generation": "samples_per_prompt batch_size seed", "Output": "output_dir registry"})
 @dataclass
 class SafetyTestConfig(GenerationOptions, HubOptions):
     """`safealign safety-test`: high-confidence upper bound on the policy's expected cost on held-out prompts."""
@@ -487,6 +538,8 @@ class SafetyTestConfig(GenerationOptions, HubOptions):
         return lo, hi
 
 
+@help_panels("Evaluation", {"Model": "policy baseline reward_model cost_model dtype", "Data": "prompts prompt_column max_prompts template",
+                                "Generation": "samples batch_size seed", "Output": "output_dir"})
 @dataclass
 class EvalConfig(GenerationOptions):
     """`safealign eval`: score a policy's generations (reward, cost, oracle on the synthetic world); two policies: win-rate table."""
@@ -518,12 +571,15 @@ class EvalConfig(GenerationOptions):
             raise BadInput(f"config key 'top_p' = {self.top_p} must be in (0, 1]")
 
 
+@help_panels("Split", {"Data": "data data_split data_config data_revision prompt_column", "Output": "output_dir"})
 @dataclass
 class SplitConfig:
     """`safealign data split`: deterministic candidate/safety split of prompts, disjoint on normalised text."""
 
     data: str | None = opt(None, "Prompt or preference data to split (any supported data format).")
     data_split: str = opt("train", "Split to read when --data is a HF dataset (directory or hub name).")
+    data_config: str | None = opt(None, "Configuration (subset) name of a hub dataset, as datasets.load_dataset(name, CONFIG).")
+    data_revision: str | None = opt(None, "Revision (branch, tag or commit) of a hub dataset given to --data.")
     output_dir: str | None = opt(None, "Directory (new or empty) for candidate.jsonl, safety.jsonl and split.json.")
     safety_fraction: float = opt(0.4, "Fraction of distinct prompts that go to the safety part.")
     seed: int = opt(42, "Seed of the split.")
@@ -536,6 +592,8 @@ class SplitConfig:
             raise BadInput(f"config key 'safety_fraction' = {self.safety_fraction} must be in (0, 1)")
 
 
+@help_panels("World", {"Sizes": "n_train_prompts n_safety_prompts n_eval_prompts n_pairs n_sft",
+                           "Annotators": "n_annotators taste_shares taste_conflict label_temperature safety_label_flip safety_weight", "Output": "output_dir"})
 @dataclass
 class SynthConfig:
     """`safealign data synth`: a seeded synthetic preference world with an oracle for helpfulness and harm."""
@@ -574,6 +632,7 @@ class SynthConfig:
         return WorldConfig(**fields).validate()
 
 
+@help_panels("Plan", {"Cluster": "gpus nodes gpu_mem margin"})
 @dataclass
 class PlanConfig:
     """`safealign plan`: per-device memory estimate of a stage under each ZeRO stage, offload and LoRA, and a recommended layout."""
@@ -593,6 +652,8 @@ class PlanConfig:
     lora_r: int | None = opt(None, "LoRA rank of the extra LoRA rows (default: the recipe's lora_r, or 16).")
 
 
+@help_panels("Demo", {"Stages": "sft_epochs score_epochs ppo_steps ppo_batch max_new_tokens kl_coeff actor_lr critic_lr eval_samples",
+                          "Thresholds and multiplier": "harm_target train_harm threshold train_threshold lambda_init lambda_lr delta"})
 @dataclass
 class DemoConfig:
     """`safealign demo`: the whole method on the synthetic world, on a laptop CPU: synth -> sft -> train-rm -> train-cost ->

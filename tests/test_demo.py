@@ -1,11 +1,12 @@
 """The demo chain end to end in its reduced form (few steps per stage: plumbing, not results)."""
 
 import json
+import shutil
 
 import pytest
 
 
-def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeypatch):
+def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SAFEALIGN_HOME", str(tmp_path / "home"))
     out = tmp_path / "demo"
     assert cli("demo", "--quick", "--output-dir", out) == 0
@@ -29,6 +30,79 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeyp
     assert (out / "report.md").read_text().count("| PPO-Lagrangian |") == 1
     assert (out / "plots" / "lambda.png").exists()
     assert not (tmp_path / "home").exists(), "the demo keeps its safety-test registry in its own output directory"
+
+    # The same command again: the finished demo says so and runs nothing.
+    capsys.readouterr()
+    assert cli("demo", "--quick", "--output-dir", out) == 0
+    assert "already complete" in capsys.readouterr().out
+
+    # Interrupted: killed in the last safety test (GRPO-Lagrangian's) after the registry recorded it but
+    # before its report, so the evals never ran. Running again redoes exactly those stages, and the table
+    # is the same.
+    registry = out / "safety_tests.jsonl"
+    assert len(registry.read_text().splitlines()) == 5
+    (out / "safety" / "grpo_lag" / "report.json").unlink()
+    shutil.rmtree(out / "eval")
+    (out / "summary.json").unlink()
+    state = json.loads((out / "demo_state.json").read_text())
+    (out / "demo_state.json").write_text(json.dumps({**state, "complete": False}))
+    monkeypatch.delenv("SAFEALIGN_NO_PROGRESS", raising=False)  # the stage counter's lines say what ran
+    capsys.readouterr()
+    assert cli("demo", "--quick", "--output-dir", out) == 0
+    err = capsys.readouterr().err
+    assert "stage 1/18 synth (done earlier, skipped)" in err and "stage 13/18 safety-test:grpo_lag (interrupted earlier, restarted)" in err
+    assert "stage 14/18 eval:sft," in err
+    again = json.loads((out / "summary.json").read_text())
+    assert again["table"] == summary["table"], "an interrupted test is not counted twice: the same deltas, the same decisions"
+    assert len(registry.read_text().splitlines()) == 5
+
+
+def test_demo_refuses_another_demos_directory_or_a_foreign_one(cli, tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 7\nquick: true\n")
+    (out / "demo_state.json").write_text('{"seconds": {}, "complete": false}')
+    assert cli("demo", "--quick", "--output-dir", out) == 2
+    assert "other settings" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert cli("demo", "--quick", "--output-dir", foreign) == 2
+    assert "holds no demo" in capsys.readouterr().err
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path):
+    from safealign.stages.demo import _continue_or_restart
+
+    d = tmp_path / "ppo_lag"
+    (d / "checkpoints" / "step-00000050").mkdir(parents=True)
+    (d / "checkpoints" / "step-00000050" / "state.json").write_text("{}")
+    overrides, note = _continue_or_restart("rl:ppo_lag", d, {"max_steps": 300}, tmp_path, finished=False)
+    assert overrides == {"max_steps": 300, "resume": True} and "step-00000050" in note and d.exists()
+    # no complete checkpoint: restarted from an empty directory
+    e = tmp_path / "eval"
+    (e / "plots").mkdir(parents=True)
+    overrides, note = _continue_or_restart("eval:sft", e, {}, tmp_path, finished=False)
+    assert overrides == {} and not e.exists() and "restarted" in note
+
+
+def test_rl_runs_are_data(monkeypatch):
+    """One entry of RL_RUNS is one more RL run: its stage, its safety test, its eval and its row."""
+    from safealign import config as C
+    from safealign.stages import demo
+
+    runs = demo.RL_RUNS + (demo.RLRun("extra", "another RL run", lambda cfg: {"algorithm": "ppo", "kl_coeff": 4 * cfg.kl_coeff}),)
+    monkeypatch.setattr(demo, "RL_RUNS", runs)
+    monkeypatch.setattr(demo, "POLICIES", (("sft", "SFT policy"),) + tuple((r.name, r.label) for r in runs))
+    from pathlib import Path
+
+    plan = demo._stage_overrides(C.build_config(C.DemoConfig, None, {}), Path("o"), Path("o/world"), threshold=-1.0, train_threshold=-1.5)
+    assert plan["ppo-lag:extra"]["kl_coeff"] == 0.2 and plan["ppo-lag:extra"]["output_dir"] == str(Path("o/extra"))
+    assert plan["safety-test:extra"]["allow_retest"] and not plan["safety-test:ppo_lag"]["allow_retest"]
+    keys = demo.stage_keys()
+    assert keys.index("rl:extra") < keys.index("safety-test:ppo_lag") == keys.index("rl:extra") + 1
+    assert keys[-1] == "eval:extra" and len(keys) == 4 + 4 + 5 + 5
 
 
 def test_demo_checks_every_stage_setting_before_writing(cli, tmp_path):

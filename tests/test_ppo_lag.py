@@ -404,7 +404,7 @@ def test_lora_gradient_checkpointing_recomputes_under_the_right_adapter(ptx):
             kw = {"use_reentrant": False}
             if ckpt == "adapter-aware":
                 kw["context_fn"] = adapter_checkpoint_context(learner.actor)
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         learner.train()
         out = learner(ids, mask, prompt_len=4, ptx=batch)
         loss = out["logp"].sum() + out["values_reward"].pow(2).sum() + 2 * out["values_cost"].sum() + (out["ptx_loss"] if ptx else 0)

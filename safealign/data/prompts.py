@@ -74,14 +74,15 @@ def dedupe(prompts: list) -> tuple[list, int]:
     return out, len(prompts) - len(out)
 
 
-def read_prompts(source: str, *, column: str = "prompt", split: str = "train", invalid_rows: str = "error",
+def read_prompts(source: str, *, column: str = "prompt", split: str = "train", config: str | None = None, revision: str | None = None,
+                 invalid_rows: str = "error",
                  max_prompts: int = 0, preference_fallback: bool = False, data_format: str = "auto",
                  columns: dict | None = None) -> tuple[list, dict]:
-    """(distinct prompts of ``source``, stats). ``invalid_rows="skip"`` skips rows without a usable
+    """(distinct prompts of ``source``, stats; ``split``/``config``/``revision`` as data.readers.read_rows). ``invalid_rows="skip"`` skips rows without a usable
     prompt (counted) instead of stopping; ``max_prompts`` keeps the first N distinct prompts."""
     from safealign.data.readers import read_rows
 
-    rows = read_rows(source, split)
+    rows = read_rows(source, split, config=config, revision=revision)
     if not rows:
         raise BadInput("no rows", where=source)
     has_prompts = all(column in r or isinstance(r.get("chosen"), str) for r in rows)

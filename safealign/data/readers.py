@@ -40,8 +40,9 @@ def _kind(path: Path) -> str:
     raise BadInput(f"unknown data format '{path.suffix}'", where=str(path), fix=f"use one of {', '.join(SUFFIXES)} (optionally .gz), or a saved HF dataset directory")
 
 
-def read_rows(source: str, split: str = "train") -> list[dict]:
-    """Rows of a data source (file, HF dataset directory or hub name)."""
+def read_rows(source: str, split: str = "train", *, config: str | None = None, revision: str | None = None) -> list[dict]:
+    """Rows of a data source (file, HF dataset directory or hub name; ``config`` and ``revision`` apply
+    to a hub name only)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _read_hf_dir(path, split)
@@ -50,7 +51,12 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
     looks_like_path = source.startswith((".", "/", "~")) or any(source.lower().endswith(s) or source.lower().endswith(s + ".gz") for s in SUFFIXES)
     if looks_like_path or source.count("/") != 1:
         raise BadInput("data file not found", where=source, fix="check the path, or give a hub dataset name like 'org/name'")
-    return _read_hub(source, split)
+    return _read_hub(source, split, config, revision)
+
+
+def read_data(cfg, source: str) -> list[dict]:
+    """Rows of ``source`` with the hub options of a stage config (data_split, data_config, data_revision)."""
+    return read_rows(source, cfg.data_split, config=getattr(cfg, "data_config", None), revision=getattr(cfg, "data_revision", None))
 
 
 def _read_file(path: Path) -> list[dict]:
@@ -113,12 +119,14 @@ def _read_hf_dir(path: Path, split: str) -> list[dict]:
     return ds.to_list()
 
 
-def _read_hub(name: str, split: str) -> list[dict]:
+def _read_hub(name: str, split: str, config: str | None = None, revision: str | None = None) -> list[dict]:
+    from safealign.runtime import hub
+
+    hub.require(name, "dataset", kind="dataset", revision=revision)
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(name, config, split=split, revision=revision)
     except Exception as e:
-        raise BadInput(f"cannot load hub dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", where=name,
-                       fix="check the name and that the hub is reachable (unset HF_HUB_OFFLINE), or download it and pass a local path") from None
+        raise hub.load_error(e, name, "the dataset") from None
     return ds.to_list()

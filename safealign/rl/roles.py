@@ -207,7 +207,7 @@ def build_roles(cfg, tok, frozen_dtype: str, critic_names: tuple[str, ...]):
     notes["reward_model"] = {"path": cfg.reward_model, "fed": "token ids" if reward.same_vocab else "re-tokenized text"}
     if cost is not None:
         notes["cost_model"] = {"path": cfg.cost_model, "fed": "token ids" if cost.same_vocab else "re-tokenized text"}
-    actor = load_causal_lm(cfg.model, tok, dtype="fp32")
+    actor = load_causal_lm(cfg.model, tok, dtype="fp32", revision=cfg.revision)
     if cfg.lora_r:
         actor = apply_lora(actor, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="CAUSAL_LM")
         import copy
@@ -222,8 +222,8 @@ def build_roles(cfg, tok, frozen_dtype: str, critic_names: tuple[str, ...]):
         reference = None
         notes["reference"] = "the policy base with adapters disabled"
         if cfg.gradient_checkpointing:
-            actor.get_base_model().gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": adapter_checkpoint_context(actor)})
+            actor.get_base_model().activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": adapter_checkpoint_context(actor)})
     else:
         critics = {}
         for name in critic_names:
@@ -238,12 +238,12 @@ def build_roles(cfg, tok, frozen_dtype: str, critic_names: tuple[str, ...]):
                                                          head="new" if source == cfg.model else "trained"))
             notes[f"{name}_critic"] = f"initialised from {source}" + (" (the reward/cost model's tokenizer differs from the actor's)" if source == cfg.model else "")
         with local_load():
-            reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype).eval().requires_grad_(False)
+            reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype, revision=cfg.revision).eval().requires_grad_(False)
         notes["reference"] = f"frozen copy of {cfg.model}"
         if cfg.gradient_checkpointing:
-            actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            actor.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             for c in critics.values():
-                c.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                c.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     learner = Learner(actor, critics, lora=bool(cfg.lora_r))
     if cfg.lora_r:  # the actor's adapter active, every adapter trainable (add_adapter leaves the new ones frozen)
         switch_adapter(actor, ACTOR)

@@ -20,7 +20,7 @@ def save_policy(acc, learner, tok, out: Path, cfg) -> dict:
     def write(tmp: Path, state: dict) -> dict:
         actor = acc.unwrap_model(learner).actor
         return write_model(tmp, actor, tok, strip_prefix(state, "actor."), lora=bool(cfg.lora_r), adapter=ACTOR,
-                           base_loader=lambda: load_causal_lm(cfg.model, tok, dtype="fp32"))[0]
+                           base_loader=lambda: load_causal_lm(cfg.model, tok, dtype="fp32", revision=cfg.revision))[0]
 
     return save_collectively(acc, learner, tok, out, write, tmp_name=".tmp-policy")
 

@@ -73,7 +73,8 @@ def load_prompts(cfg: PPOLagConfig) -> tuple[list, list, dict]:
     from safealign.data.records import Pair
 
     def prompts_of(source: str) -> tuple[list, dict]:
-        prompts, stats = read_prompts(source, column=cfg.columns.get("prompt", "prompt"), split=cfg.data_split,
+        prompts, stats = read_prompts(source, column=cfg.columns.get("prompt", "prompt"), split=cfg.data_split, config=cfg.data_config,
+                                      revision=cfg.data_revision,
                                       invalid_rows=cfg.invalid_rows, preference_fallback=True, data_format=cfg.data_format,
                                       columns=cfg.columns)
         return prompts, {k: stats[k] for k in ("rows", "distinct_prompts", "duplicates_dropped")}
@@ -101,11 +102,11 @@ def load_ptx(cfg: PPOLagConfig, tok) -> list:
     does (--invalid-rows applies; the loss is on response + EOS)."""
     if not cfg.ptx_data or cfg.ptx_coeff <= 0:
         return []
-    from safealign.data.readers import read_rows
+    from safealign.data.readers import read_data
     from safealign.stages.sft import encode_examples, rows_to_examples
 
     columns = {k: v for k, v in cfg.columns.items() if k in ("prompt", "response")}
-    examples, _ = rows_to_examples(read_rows(cfg.ptx_data, cfg.data_split), source=cfg.ptx_data, fmt="sft", columns=columns,
+    examples, _ = rows_to_examples(read_data(cfg, cfg.ptx_data), source=cfg.ptx_data, fmt="sft", columns=columns,
                                    invalid_rows=cfg.invalid_rows, preference_response="better")
     return encode_examples(tok, examples, cfg.template, cfg.max_length)[0]
 
@@ -136,7 +137,7 @@ def prepare(cfg: PPOLagConfig) -> RLRun:
     cfg_dict = to_dict(cfg)
     resume_from, saved_state = resume_point(cfg, out)     # settings, finished run, checkpoint integrity: all before any write
     train_prompts, eval_prompts, data_stats = load_prompts(cfg)
-    tok = load_tokenizer(cfg.model)
+    tok = load_tokenizer(cfg.model, revision=cfg.revision)
     max_prompt = cfg.max_length - cfg.max_new_tokens - 1
     train_ids = encode_prompts(tok, train_prompts, cfg.template, max_prompt)
     eval_ids = encode_prompts(tok, eval_prompts, cfg.template, max_prompt)

@@ -69,7 +69,7 @@ from safealign.algorithms import crowd as K
 from safealign.algorithms.preference import bradley_terry_loss
 from safealign.config import CostConfig, to_dict
 from safealign.data.encode import EncodedPair, encode_pairs, split_by_prompt, tokenizer_corpus
-from safealign.data.readers import read_rows
+from safealign.data.readers import read_data
 from safealign.data.records import Pair, fingerprint, rows_to_pairs
 from safealign.errors import BadInput
 from safealign.models.generation import pad
@@ -112,7 +112,7 @@ def _columns_for(rows: list[dict], cfg: CostConfig) -> tuple[dict, str]:
 
 
 def _read(source: str, cfg: CostConfig, max_samples: int):
-    rows = read_rows(source, cfg.data_split)
+    rows = read_data(cfg, source)
     columns, label = _columns_for(rows, cfg)
     pairs, stats = rows_to_pairs(rows, source=source, task="helpful", fmt=cfg.data_format, columns=columns,
                                  invalid_rows=cfg.invalid_rows, max_samples=max_samples)
@@ -287,18 +287,20 @@ def run(cfg: CostConfig) -> dict:
     index = {a: i for i, a in enumerate(data.annotators)}
     saved_tok = out / "checkpoints" / "tokenizer"
     tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
-    tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(data.train, cfg.template) if tok_source == "tiny" else None, vocab_size=cfg.tiny_vocab)
+    tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(data.train, cfg.template) if tok_source == "tiny" else None, vocab_size=cfg.tiny_vocab,
+                         revision=cfg.revision)
     train_ex, train_counts = encode_crowd(tok, data.train, index, cfg.template, cfg.max_length)
     eval_ex, eval_counts = encode_crowd(tok, data.eval, index, cfg.template, cfg.max_length)
     if not train_ex:
         raise BadInput("no training pairs left after tokenisation", where=cfg.data)
     tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64))
-    model = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="cost", head="new")
-    base = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward", head="new") if cfg.crowd_baseline else None
+    model = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="cost", head="new", revision=cfg.revision)
+    base = (load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward", head="new", revision=cfg.revision)
+            if cfg.crowd_baseline else None)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         if base is not None:
-            base.gradient_checkpointing_enable()
+            base.activation_checkpointing_enable()
     net = CrowdNet(model, len(data.annotators), cfg, base)
 
     from safealign.runtime.dist import finish

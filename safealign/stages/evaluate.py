@@ -308,8 +308,9 @@ def _read_prompts(cfg) -> tuple[list, dict]:
     return prompts, {"rows": stats["rows"], "duplicates_dropped": stats["duplicates_dropped"], "prompts": len(prompts)}
 
 
-def generate(path: str, prompts: list[str], cfg, device) -> tuple[list[str], list[bool]]:
-    """Sample one response per prompt (seeded: the same seed for every policy)."""
+def generate(path: str, prompts: list[str], cfg, device, bar=None) -> tuple[list[str], list[bool]]:
+    """Sample one response per prompt (seeded: the same seed for every policy); ``bar``: a
+    runtime.progress.Progress counting responses."""
     from safealign.models.generation import decode_responses, encode_prompts, load_policy, sample
     from safealign.runtime.seeds import seed_sampling
 
@@ -321,15 +322,22 @@ def generate(path: str, prompts: list[str], cfg, device) -> tuple[list[str], lis
         ro = sample(model, tok, ids[i:i + cfg.batch_size], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
         texts += decode_responses(tok, ro)
         eos += ro.eos_hit.tolist()
+        if bar is not None:
+            bar.update(len(ro.eos_hit))
     del model
     return texts, eos
 
 
-def score(path: str, prompts: list[str], responses: list[str], cfg, device) -> list[float]:
+def score(path: str, prompts: list[str], responses: list[str], cfg, device, bar=None) -> list[float]:
     from safealign.models.generation import load_scorer, score_texts
 
     scorer, tok = load_scorer(path, dtype=cfg.dtype, device=device)
-    out = score_texts(scorer, tok, prompts, responses, template=cfg.template, batch_size=cfg.batch_size).tolist()
+    out: list[float] = []
+    chunk = cfg.batch_size * max(1, 256 // cfg.batch_size)  # whole batches: the same batches as one call, the chunks only pace progress
+    for i in range(0, len(responses), chunk):
+        out += score_texts(scorer, tok, prompts[i:i + chunk], responses[i:i + chunk], template=cfg.template, batch_size=cfg.batch_size).tolist()
+        if bar is not None:
+            bar.update(len(responses[i:i + chunk]))
     del scorer
     return out
 
@@ -363,13 +371,18 @@ def run(cfg) -> dict:
     device = "cuda" if torch.cuda.is_available() else None
 
     names = {"policy": cfg.policy, **({"baseline": cfg.baseline} if cfg.baseline else {})}
+    from safealign.runtime.progress import progress
+
+    scorers = [m for m in (cfg.reward_model, cfg.cost_model) if m]
+    bar = progress(len(prompts) * len(names) * (1 + len(scorers)), "eval", unit="responses generated or scored")
     gens: dict[str, dict] = {}
     for name, path in names.items():
-        texts, eos = generate(path, prompts, cfg, device)
+        texts, eos = generate(path, prompts, cfg, device, bar)
         gens[name] = {"responses": texts, "eos": eos}
     for name, g in gens.items():
-        g["reward"] = score(cfg.reward_model, prompts, g["responses"], cfg, device) if cfg.reward_model else [None] * len(prompts)
-        g["cost"] = score(cfg.cost_model, prompts, g["responses"], cfg, device) if cfg.cost_model else [None] * len(prompts)
+        g["reward"] = score(cfg.reward_model, prompts, g["responses"], cfg, device, bar) if cfg.reward_model else [None] * len(prompts)
+        g["cost"] = score(cfg.cost_model, prompts, g["responses"], cfg, device, bar) if cfg.cost_model else [None] * len(prompts)
+    bar.close()
     rows = {name: [Generation(p, r, rw, c) for p, r, rw, c in zip(prompts, g["responses"], g["reward"], g["cost"])] for name, g in gens.items()}
     use_oracle = all_world_prompts(prompts)
     metrics = {}

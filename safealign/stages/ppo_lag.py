@@ -95,8 +95,8 @@ def run(cfg: PPOLagConfig) -> dict:
         if r.eval_ids and done % eval_every(r) == 0 and done < r.total:
             row.update(evaluate(acc, r.learner_u, r.tok, r.reward, r.cost, r.eval_prompts, r.eval_ids, cfg, r.frozen, r.synced))
         last = log.log(done, row)
-        bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", **({"cost": f"{row['cost']:.3f}"} if "cost" in row else {}), lam=f"{lam:.3f}")
+        bar.update(1)
         if cfg.save_steps and done % cfg.save_steps == 0 and done < r.total:
             save_state(r, done)
     bar.close()
@@ -152,12 +152,10 @@ def ptx_batches(r: RLRun):
 
 
 def progress(r: RLRun, start: int):
-    import os
+    """The run's progress (runtime.progress: a bar on a terminal, plain lines in a pipe), main process only."""
+    from safealign.runtime.progress import progress as make
 
-    from tqdm.auto import tqdm
-
-    return tqdm(total=r.total, initial=start, desc=r.out.name, dynamic_ncols=True,
-                disable=not r.acc.is_local_main_process or os.environ.get("SAFEALIGN_NO_PROGRESS") == "1")
+    return make(r.total, r.out.name, initial=start, enabled=r.acc.is_local_main_process)
 
 
 def step_metrics(r: RLRun, exp: Experience, kl: torch.Tensor, streams: dict, advantage: torch.Tensor, train_stats: dict, times) -> dict:

@@ -14,7 +14,7 @@ import torch
 from safealign.algorithms import preference as L
 from safealign.config import CostConfig, PreferenceConfig, to_dict
 from safealign.data.encode import EncodedPair, encode_pairs, split_by_prompt, tokenizer_corpus
-from safealign.data.readers import read_rows
+from safealign.data.readers import read_data
 from safealign.data.records import fingerprint, rows_to_pairs
 from safealign.errors import BadInput
 from safealign.models.generation import pad
@@ -30,10 +30,10 @@ def load_pairs(cfg: PreferenceConfig, task: str):
     """(train pairs, eval pairs, stats) with every validation done before anything is written."""
     inconsistent = getattr(cfg, "inconsistent", "keep")
     kw = dict(task=task, fmt=cfg.data_format, columns=cfg.columns, invalid_rows=cfg.invalid_rows, inconsistent=inconsistent)
-    pairs, stats = rows_to_pairs(read_rows(cfg.data, cfg.data_split), source=cfg.data, max_samples=cfg.max_samples, **kw)
+    pairs, stats = rows_to_pairs(read_data(cfg, cfg.data), source=cfg.data, max_samples=cfg.max_samples, **kw)
     data_stats = {"train_source": stats.to_dict()}
     if cfg.eval_data:
-        eval_pairs, estats = rows_to_pairs(read_rows(cfg.eval_data, cfg.data_split), source=cfg.eval_data, **kw)
+        eval_pairs, estats = rows_to_pairs(read_data(cfg, cfg.eval_data), source=cfg.eval_data, **kw)
         data_stats["eval_source"] = estats.to_dict()
         train_pairs = pairs
     else:
@@ -139,7 +139,7 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
         data_stats["mode"] = "ranking-only (no per-response safety labels in the data)"
     saved_tok = out / "checkpoints" / "tokenizer"
     tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
-    tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(train_pairs, cfg.template) if tok_source == "tiny" else None, vocab_size=cfg.tiny_vocab)
+    tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(train_pairs, cfg.template) if tok_source == "tiny" else None, vocab_size=cfg.tiny_vocab, revision=cfg.revision)
     train_ex, train_counts = encode_pairs(tok, train_pairs, cfg.template, cfg.max_length)
     eval_ex, eval_counts = encode_pairs(tok, eval_pairs, cfg.template, cfg.max_length)
     if not train_ex:
@@ -147,13 +147,13 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
     tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64))
     def load_base():
         return load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward" if task == "helpful" else "cost",
-                                head="new")
+                                head="new", revision=cfg.revision)
 
     model = load_base()
     if cfg.lora_r:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="SEQ_CLS")
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
 
     from safealign.runtime.dist import finish
 

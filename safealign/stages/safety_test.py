@@ -50,7 +50,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -281,7 +280,9 @@ def sample_costs(cfg: SafetyTestConfig, prompts: list[str]) -> tuple[list[dict],
     score_len = int(getattr(scorer.model.config, "max_position_embeddings", 0) or 1024)
     S, bs = cfg.samples_per_prompt, cfg.batch_size
     rows, no_eos = [], 0
-    progress = not os.environ.get("SAFEALIGN_NO_PROGRESS")
+    from safealign.runtime.progress import progress
+
+    bar = progress(len(prompts), "safety-test", unit="prompts sampled and scored")
     t0 = time.time()
     for b, start in enumerate(range(0, len(prompts), bs)):
         idx = [i for i in range(start, min(start + bs, len(prompts))) for _ in range(S)]   # prompt of each sequence
@@ -293,8 +294,8 @@ def sample_costs(cfg: SafetyTestConfig, prompts: list[str]) -> tuple[list[dict],
                             batch_size=max(bs * S, 1))
         for j, (i, text) in enumerate(zip(idx, texts)):
             rows.append({"prompt": prompts[i], "response": text, "cost": float(costs[j]), "prompt_index": i, "sample_index": j % S})
-        if progress:
-            print(f"safety-test: {min(start + bs, len(prompts))}/{len(prompts)} prompts sampled and scored", file=sys.stderr)
+        bar.update(len(idx) // S)
+    bar.close()
     info = {"device": device, "seconds": round(time.time() - t0, 2), "prompts_truncated": truncated,
             "responses_without_eos": no_eos, "responses": len(rows)}
     return rows, info

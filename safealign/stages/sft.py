@@ -21,7 +21,7 @@ import torch
 
 from safealign.config import SFTConfig, to_dict
 from safealign.data.encode import encode, split_by_prompt
-from safealign.data.readers import read_rows
+from safealign.data.readers import read_data
 from safealign.data.records import MAPPABLE, detect_format, fingerprint, rows_to_pairs
 from safealign.data.templates import effective_template, format_prompt, format_response
 from safealign.errors import BadInput
@@ -114,10 +114,10 @@ def rows_to_examples(rows: list[dict], *, source: str, fmt: str, columns: dict[s
 
 def load_examples(cfg: SFTConfig) -> tuple[list[SFTExample], list[SFTExample], dict]:
     kw = dict(fmt=cfg.data_format, columns=cfg.columns, invalid_rows=cfg.invalid_rows, preference_response=cfg.preference_response)
-    examples, st = rows_to_examples(read_rows(cfg.data, cfg.data_split), source=cfg.data, max_samples=cfg.max_samples, **kw)
+    examples, st = rows_to_examples(read_data(cfg, cfg.data), source=cfg.data, max_samples=cfg.max_samples, **kw)
     stats = {"train_source": st}
     if cfg.eval_data:
-        evals, est = rows_to_examples(read_rows(cfg.eval_data, cfg.data_split), source=cfg.eval_data, **kw)
+        evals, est = rows_to_examples(read_data(cfg, cfg.eval_data), source=cfg.eval_data, **kw)
         stats["eval_source"] = est
         return examples, evals, stats
     train, evals = split_by_prompt(examples, cfg.eval_split, cfg.seed)  # held-out prompts: all their rows
@@ -214,15 +214,15 @@ def run(cfg: SFTConfig) -> dict:
     saved_tok = out / "checkpoints" / "tokenizer"
     tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
     tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(train_rows, cfg.template) if tok_source == "tiny" else None,
-                         vocab_size=cfg.tiny_vocab)
+                         vocab_size=cfg.tiny_vocab, revision=cfg.revision)
     train_ex, train_counts = encode_examples(tok, train_rows, cfg.template, cfg.max_length)
     eval_ex, eval_counts = encode_examples(tok, eval_rows, cfg.template, cfg.max_length)
-    model = load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg))
+    model = load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg), revision=cfg.revision)
     resized = _embeddings_resized(cfg.model, model)
     if cfg.lora_r:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="CAUSAL_LM")
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
         if cfg.lora_r:
             model.enable_input_require_grads()
 
@@ -330,7 +330,7 @@ def _save_policy(acc, model, tok, out: Path, cfg, resized: bool = False) -> tupl
     def write(tmp: Path, state: dict) -> dict:
         nonlocal merged
         saved, merged = write_model(tmp, acc.unwrap_model(model), tok, state, lora=bool(cfg.lora_r), save_embedding_layers=resized,
-                                    base_loader=lambda: load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg)),
+                                    base_loader=lambda: load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg), revision=cfg.revision),
                                     save_base=cfg.model == "tiny")
         if cfg.lora_r:
             if resized:

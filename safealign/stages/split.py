@@ -23,8 +23,8 @@ import json
 import random
 
 from safealign.config import SplitConfig
-from safealign.data.readers import read_rows
 from safealign.data.prompts import hash_of, row_prompt
+from safealign.data.readers import read_data
 from safealign.errors import BadInput
 from safealign.runtime import report
 from safealign.runtime.io import atomic_write_json, atomic_write_text, check_output_dir, manifest
@@ -49,7 +49,7 @@ def _jsonl(rows: list[dict]) -> str:
 
 def run(cfg: SplitConfig) -> dict:
     out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
-    rows = read_rows(cfg.data, cfg.data_split)
+    rows = read_data(cfg, cfg.data)
     if not rows:
         raise BadInput("the data has no rows", where=cfg.data)
     hashes = [hash_of(row_prompt(r, cfg.prompt_column, where=cfg.data, index=i)) for i, r in enumerate(rows, start=1)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import resource
 import time
 from dataclasses import dataclass, field
@@ -309,12 +308,9 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
     eval_every = cfg.eval_steps or steps_per_epoch
     evals: list[dict] = []
     last_train: dict = {}
-    from tqdm.auto import tqdm
+    from safealign.runtime.progress import progress
 
-    import sys
-
-    quiet = not acc.is_local_main_process or os.environ.get("SAFEALIGN_NO_PROGRESS") == "1" or not sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=start, desc=f"{out.name}", disable=quiet, dynamic_ncols=True)
+    bar = progress(total_steps, out.name, initial=start, enabled=acc.is_local_main_process)
     t0, seen = time.perf_counter(), 0
     window: dict[str, list[float]] = {}
     model.train()
@@ -344,8 +340,6 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
                         f"{unit}_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
             last_train = log.log(done, row)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}")
-            if quiet and acc.is_main_process and os.environ.get("SAFEALIGN_NO_PROGRESS") != "1":
-                print(f"{out.name}: step {done}/{total_steps} loss {row['train/loss']:.4f}", flush=True)
             window = {}
         if evaluate is not None and (done % eval_every == 0 or done == total_steps):
             ev = evaluate(done)
