@@ -679,7 +679,9 @@ class DemoConfig:
     lambda_init: float = opt(1.0, "Initial multiplier (also the fixed lambda of reward shaping).")
     lambda_lr: float = opt(0.1, "Multiplier learning rate.")
     eval_samples: int = opt(4, "Responses sampled per eval prompt (the table's rates are over all of them).")
-    grpo_group_size: int = opt(4, "G of the GRPO-Lagrangian run: responses per prompt (on ppo_batch / G prompts, so each update sees as many responses as PPO's).")
+    grpo_group_size: int = opt(4, "G of the GRPO-Lagrangian run: responses per prompt.")
+    grpo_prompts: int = opt(16, "Prompts per GRPO-Lagrangian update (x G responses: 64 by default, about PPO-Lagrangian's time per update without critics).")
+    grpo_advantage: str = opt("group-batch", "Advantage estimator of the GRPO-Lagrangian run (see `safealign ppo-lag --help`): group-batch by default, because dividing by each group's own std (group) blows the cost model's noise on all-safe groups up to unit scale (measured: README).", choices=("group", "group-batch", "group-mean", "rloo"))
     grpo_kl_coeff: float = opt(0.05, "KL coefficient of the GRPO-Lagrangian run (a k3 loss term, GRPO's beta).")
     delta: float = opt(0.05, "delta of the safety test.")
 
@@ -687,8 +689,8 @@ class DemoConfig:
         for key in ("ppo_steps", "ppo_batch", "max_new_tokens", "eval_samples"):
             if getattr(self, key) < 1:
                 raise BadInput(f"config key '{key}' = {getattr(self, key)} must be >= 1")
-        if self.grpo_group_size < 2 or self.ppo_batch % self.grpo_group_size:
-            raise BadInput(f"config key 'grpo_group_size' = {self.grpo_group_size} must be >= 2 and divide ppo_batch = {self.ppo_batch}")
+        if self.grpo_group_size < 2 or self.grpo_prompts < 1:
+            raise BadInput(f"config keys 'grpo_group_size' = {self.grpo_group_size} and 'grpo_prompts' = {self.grpo_prompts} must be >= 2 and >= 1")
         if not 0 < self.harm_target < 1:
             raise BadInput(f"config key 'harm_target' = {self.harm_target} must be in (0, 1)")
         if not 0 <= self.train_harm <= self.harm_target:

@@ -144,7 +144,7 @@ def train_rows(out: Path) -> list[dict]:
 
 def test_ppo_lag_lowers_the_penalised_token_while_lambda_tracks_the_constraint(cli, mw, tmp_path):
     out = tmp_path / "lag"
-    assert cli(*base_args(mw, out, "--max-steps", "8", "--lambda-lr", "0.2")) == 0
+    assert cli(*base_args(mw, out, "--max-steps", "8", "--lambda-lr", "0.2", "--lambda-max", "50")) == 0   # no cap in reach
     rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 9))
     # lambda moves up exactly on the steps where J_c (window mean, this step included) is above the threshold
@@ -430,7 +430,7 @@ def grpo_args(mw, out, *extra):
 
 def test_grpo_lag_lowers_the_penalised_token_while_lambda_rises(cli, mw, tmp_path):
     out = tmp_path / "grpo-lag"
-    assert cli(*grpo_args(mw, out, "--max-steps", "8", "--lambda-lr", "0.2")) == 0
+    assert cli(*grpo_args(mw, out, "--max-steps", "8", "--lambda-lr", "0.2", "--lambda-max", "50")) == 0
     rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 9))
     lams = [1.0] + [r["lambda"] for r in rows]

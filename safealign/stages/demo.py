@@ -52,9 +52,9 @@ RL_RUNS = (
     RLRun("ppo", "reward-only PPO", {"algorithm": "ppo"}),
     RLRun("shaping", "reward shaping (fixed lambda)", {"algorithm": "reward-shaping"}),
     RLRun("ppo_lag", "PPO-Lagrangian", {"algorithm": "ppo-lag"}, candidate=True),
-    # GRPO-Lagrangian: no critics, G responses per prompt, on ppo_batch / G prompts (as many responses per update as PPO's)
+    # GRPO-Lagrangian: no critics, G responses to each of grpo_prompts prompts per update
     RLRun("grpo_lag", "GRPO-Lagrangian", lambda cfg: {"algorithm": "grpo-lag", "group_size": cfg.grpo_group_size,
-                                                      "batch_size": max(1, (8 if cfg.quick else cfg.ppo_batch) // cfg.grpo_group_size),
+                                                      "batch_size": 2 if cfg.quick else cfg.grpo_prompts, "advantage": cfg.grpo_advantage,
                                                       "kl_coeff": cfg.grpo_kl_coeff}),
 )
 POLICIES = (("sft", "SFT policy"),) + tuple((r.name, r.label) for r in RL_RUNS)
