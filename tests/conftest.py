@@ -60,7 +60,9 @@ def world(tmp_path_factory) -> Path:
     from safealign.data.synth import WorldConfig, write_world
 
     out = tmp_path_factory.mktemp("world")
-    write_world(WorldConfig(seed=1, n_train_prompts=300, n_safety_prompts=60, n_eval_prompts=40, n_pairs=400, n_sft=400), out)
+    # drift_share 0 (generator v2's preference data): the tiny tokenizer trained on these texts keeps the
+    # words the marker world of test_ppo_lag.py is built from as single tokens
+    write_world(WorldConfig(seed=1, n_train_prompts=300, n_safety_prompts=60, n_eval_prompts=40, n_pairs=400, n_sft=400, drift_share=0.0), out)
     return out
 
 

@@ -30,7 +30,7 @@ def _lines(text: str, flag: str) -> str:
 def test_defaults_and_choices_are_shown(cli, capsys, monkeypatch):
     text = _help(cli, capsys, monkeypatch, "ppo-lag")
     assert "[default: 0.01]" in _lines(text, "--kl-coeff")
-    assert "[choices: ppo-lag, ppo, reward-shaping]" in _lines(text, "--algorithm") and "[default: ppo-lag]" in _lines(text, "--algorithm")
+    assert "[choices: ppo-lag, ppo, reward-shaping, grpo-lag, grpo]" in _lines(text, "--algorithm") and "[default: ppo-lag]" in _lines(text, "--algorithm")
     assert "[default: on; --no-normalize-by-lambda turns it off]" in _lines(text, "--normalize-by-lambda")
     assert "[default: off]" in _lines(text, "--resume")
     assert "E[cost] <= d" in _lines(text, "--threshold")

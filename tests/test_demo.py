@@ -102,7 +102,7 @@ def test_rl_runs_are_data(monkeypatch):
     assert plan["safety-test:extra"]["allow_retest"] and not plan["safety-test:ppo_lag"]["allow_retest"]
     keys = demo.stage_keys()
     assert keys.index("rl:extra") < keys.index("safety-test:ppo_lag") == keys.index("rl:extra") + 1
-    assert keys[-1] == "eval:extra" and len(keys) == 4 + 4 + 5 + 5
+    assert keys[-1] == "eval:extra" and len(keys) == 4 + 5 + 6 + 6   # + 4 RL runs and the extra one, a safety test and an eval each
 
 
 def test_demo_checks_every_stage_setting_before_writing(cli, tmp_path):
