@@ -242,6 +242,13 @@ def _synth(cfg):
         typer.echo(f"{name}: {path}")
 
 
+def _label(cfg):
+    from safealign.data.label import label_file
+
+    summary = label_file(cfg.world, cfg.responses, cfg.output, include=cfg.include, seed=cfg.seed)
+    typer.echo(summary["headline"])
+
+
 def _demo(cfg):
     _quiet()
     from safealign.stages.demo import run
@@ -275,6 +282,7 @@ config_command(app, "score-eval", C.ScoreEvalConfig, _score_eval)
 config_command(data_app, "inspect", C.InspectConfig, _inspect)
 config_command(data_app, "split", C.SplitConfig, _split)
 config_command(data_app, "synth", C.SynthConfig, _synth)
+config_command(data_app, "label", C.LabelConfig, _label)
 config_command(app, "plan", C.PlanConfig, _plan, recipe_flag=False)
 config_command(app, "demo", C.DemoConfig, _demo)
 

@@ -632,6 +632,30 @@ class SynthConfig:
         return WorldConfig(**fields).validate()
 
 
+@dataclass
+class LabelConfig:
+    """`safealign data label`: pairs of a policy's sampled answers labelled by a synthetic world's annotators (preference
+    data on the answers of the model to be trained, as RLHF collects it), optionally after the world's own pairs."""
+
+    world: str | None = opt(None, "The world's directory (from `safealign data synth`): its world.json gives the annotators and their labelling noise.")
+    responses: str | None = opt(None, "Sampled answers: JSONL rows with prompt and response, e.g. the generations.jsonl of `safealign eval --samples 2` (baseline rows skipped); each prompt's answers are paired in order.")
+    output: str | None = opt(None, "Preference file to write (JSONL, the world's preference columns); must not exist.")
+    include: str | None = opt(None, "A preference file whose rows come first in --output (e.g. WORLD/preferences.jsonl), so one file trains the reward and cost models.")
+    seed: int = opt(0, "Seed of the annotator draws and their label noise.")
+
+    def validate(self) -> None:
+        for flag, v in (("--world", self.world), ("--responses", self.responses), ("--output", self.output)):
+            if not v:
+                raise BadInput(f"data label needs {flag}")
+        if not (Path(self.world) / "world.json").is_file():
+            raise BadInput("no world.json here: not a world directory", where=self.world, fix="pass the --output-dir of `safealign data synth`")
+        for what, v in (("--responses", self.responses), ("--include", self.include)):
+            if v and not Path(v).is_file():
+                raise BadInput(f"{what} file not found", where=v)
+        if Path(self.output).exists():
+            raise BadInput("output file exists (data label never overwrites)", where=self.output, fix="choose a new --output")
+
+
 @help_panels("Plan", {"Cluster": "gpus nodes gpu_mem margin"})
 @dataclass
 class PlanConfig:
@@ -652,7 +676,7 @@ class PlanConfig:
     lora_r: int | None = opt(None, "LoRA rank of the extra LoRA rows (default: the recipe's lora_r, or 16).")
 
 
-@help_panels("Demo", {"Stages": "sft_epochs score_epochs ppo_steps ppo_batch max_new_tokens kl_coeff actor_lr critic_lr eval_samples",
+@help_panels("Demo", {"Stages": "sft_epochs sft_answers score_epochs ppo_steps ppo_batch max_new_tokens kl_coeff actor_lr critic_lr eval_samples",
                           "Thresholds and multiplier": "harm_target train_harm threshold train_threshold lambda_init lambda_lr delta"})
 @dataclass
 class DemoConfig:
@@ -665,7 +689,8 @@ class DemoConfig:
     rambling_share: float = opt(0.08, "The world's rambling_share (see `safealign data synth --help`); 0 shows what the reward model does without padded answers in its data.")
     drift_share: float = opt(0.08, "The world's drift_share (see `safealign data synth --help`); 0 shows what the reward model does without topic drift in its data.")
     sft_epochs: float = opt(3.0, "SFT epochs over the world's SFT corpus.")
-    score_epochs: float = opt(1.0, "Reward/cost model epochs over the preference pairs.")
+    score_epochs: float = opt(4.0, "Reward/cost model epochs over the preference pairs (1 leaves the reward model paying for words of another topic: README).")
+    sft_answers: int = opt(6, "Answers of the SFT policy sampled per training prompt, paired in order and labelled by the world's annotators (`safealign data label`: 3 pairs per prompt with 6), added to the world's preference pairs for the reward and cost models: preference data on the answers of the policy being trained, as RLHF collects it (0: the world's pairs only; even).")
     ppo_steps: int = opt(300, "PPO updates of each RL run.")
     ppo_batch: int = opt(32, "Prompts per PPO update.")
     max_new_tokens: int = opt(20, "Tokens per generated response.")
@@ -701,6 +726,8 @@ class DemoConfig:
         for key in ("rambling_share", "drift_share"):
             if not 0 <= getattr(self, key) <= 1:
                 raise BadInput(f"config key '{key}' = {getattr(self, key)} must be in [0, 1]")
+        if self.sft_answers < 0 or self.sft_answers % 2:
+            raise BadInput(f"config key 'sft_answers' = {self.sft_answers} must be an even number >= 0 (answers are labelled in pairs)")
 
 
 @dataclass

@@ -25,7 +25,7 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeyp
     rl_rows = {r["policy"]: r for r in summary["table"]}
     for name in ("PPO-Lagrangian", "GRPO-Lagrangian"):
         assert rl_rows[name]["s/update"] > 0 and rl_rows[name]["peak RSS (MB)"] > 0
-    for sub in ("world", "sft", "rm", "cm", "ppo", "shaping", "ppo_lag", "grpo_lag", "safety/ppo_lag", "safety/grpo_lag", "eval/grpo_lag"):
+    for sub in ("world", "sft", "labels", "rm", "cm", "ppo", "shaping", "ppo_lag", "grpo_lag", "safety/ppo_lag", "safety/grpo_lag", "eval/grpo_lag"):
         assert (out / sub / "report.json").exists() or sub == "world", sub
     assert (out / "report.md").read_text().count("| PPO-Lagrangian |") == 1
     assert (out / "plots" / "lambda.png").exists()
@@ -50,8 +50,8 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeyp
     capsys.readouterr()
     assert cli("demo", "--quick", "--output-dir", out) == 0
     err = capsys.readouterr().err
-    assert "stage 1/18 synth (done earlier, skipped)" in err and "stage 13/18 safety-test:grpo_lag (interrupted earlier, restarted)" in err
-    assert "stage 14/18 eval:sft," in err
+    assert "stage 1/19 synth (done earlier, skipped)" in err and "stage 14/19 safety-test:grpo_lag (interrupted earlier, restarted)" in err
+    assert "stage 15/19 eval:sft," in err
     again = json.loads((out / "summary.json").read_text())
     assert again["table"] == summary["table"], "an interrupted test is not counted twice: the same deltas, the same decisions"
     assert len(registry.read_text().splitlines()) == 5
@@ -102,7 +102,7 @@ def test_rl_runs_are_data(monkeypatch):
     assert plan["safety-test:extra"]["allow_retest"] and not plan["safety-test:ppo_lag"]["allow_retest"]
     keys = demo.stage_keys()
     assert keys.index("rl:extra") < keys.index("safety-test:ppo_lag") == keys.index("rl:extra") + 1
-    assert keys[-1] == "eval:extra" and len(keys) == 4 + 5 + 6 + 6   # + 4 RL runs and the extra one, a safety test and an eval each
+    assert keys[-1] == "eval:extra" and len(keys) == 5 + 5 + 6 + 6   # synth, sft, label, train-rm, train-cost + 4 RL runs and the extra one, a safety test and an eval each
 
 
 def test_demo_checks_every_stage_setting_before_writing(cli, tmp_path):
@@ -111,6 +111,7 @@ def test_demo_checks_every_stage_setting_before_writing(cli, tmp_path):
     out = tmp_path / "demo"
     assert cli("demo", "--output-dir", out, "--max-new-tokens", "121") == 2
     assert cli("demo", "--output-dir", out, "--train-harm", "0.2") == 2
+    assert cli("demo", "--output-dir", out, "--sft-answers", "3") == 2
     assert not out.exists()
 
 
@@ -145,3 +146,23 @@ def test_thresholds_are_expected_costs_at_the_harm_rates():
     from safealign.errors import BadInput
     with pytest.raises(BadInput):
         C.build_config(C.DemoConfig, None, {"harm_target": 0.1, "train_harm": 0.2})
+
+
+def test_reward_and_cost_models_train_on_labelled_sft_answers():
+    """The "label" stage samples SFT answers to every training prompt and the world's annotators label them in
+    pairs; train-rm and train-cost read the world's pairs followed by those. --sft-answers 0 removes the stage."""
+    from pathlib import Path
+
+    from safealign import config as C
+    from safealign.stages import demo
+
+    cfg = C.build_config(C.DemoConfig, None, {})
+    plan = demo._stage_overrides(cfg, Path("o"), Path("o/world"), threshold=-1.0, train_threshold=-1.5)
+    assert plan["train-rm"]["data"] == plan["train-cost"]["data"] == str(Path("o/labels/preferences.jsonl"))
+    assert (plan["label"]["samples"], plan["label"]["max_prompts"], plan["label"]["policy"]) == (6, 0, str(Path("o/sft")))
+    assert plan["label"]["prompts"] == str(Path("o/world/prompts_train.jsonl"))
+    assert demo.stage_keys(cfg).index("label") == demo.stage_keys(cfg).index("sft") + 1
+    off = C.build_config(C.DemoConfig, None, {"sft_answers": 0})
+    plan = demo._stage_overrides(off, Path("o"), Path("o/world"), threshold=-1.0, train_threshold=-1.5)
+    assert "label" not in plan and "label" not in demo.stage_keys(off)
+    assert plan["train-rm"]["data"] == str(Path("o/world/preferences.jsonl"))

@@ -58,6 +58,7 @@ __all__ = [
     "make_prompt_sets",
     "make_annotators",
     "label_pair",
+    "label_responses",
     "annotator_agreement",
     "expected_agreement",
     "read_jsonl",
@@ -1045,6 +1046,71 @@ def _sft_rows(cfg: WorldConfig, train: list[dict[str, Any]]) -> list[dict[str, A
     return rows
 
 
+def _labelled_pair(rng: np.random.Generator, cfg: WorldConfig, ann: Annotator, prompt: str,
+                   first: tuple[str, str], second: tuple[str, str], *, category: str, harmful: bool) -> dict[str, Any]:
+    """One preference row: the annotator's labels of two (response, style) answers to ``prompt``,
+    with the PKU-SafeRLHF columns, the annotator and the oracle's scores of both."""
+    (r0, st0), (r1, st1) = first, second
+    s0, s1 = oracle(prompt, r0), oracle(prompt, r1)
+    lab = label_pair(rng, ann, s0, s1, cfg.label_temperature, cfg.safety_label_flip)
+    return {
+        "prompt": prompt,
+        "response_0": r0,
+        "response_1": r1,
+        "better_response_id": lab.better_response_id,
+        "safer_response_id": lab.safer_response_id,
+        "is_response_0_safe": lab.is_response_0_safe,
+        "is_response_1_safe": lab.is_response_1_safe,
+        "preferred_response_id": lab.preferred_response_id,
+        "annotator_id": ann.annotator_id,
+        "annotator_taste": ann.taste,
+        "category": category,
+        "harmful_prompt": harmful,
+        "style_0": st0,
+        "style_1": st1,
+        "oracle_helpfulness_0": s0.helpfulness,
+        "oracle_helpfulness_1": s1.helpfulness,
+        "oracle_harm_0": s0.harm,
+        "oracle_harm_1": s1.harm,
+        "oracle_unsafe_0": s0.unsafe,
+        "oracle_unsafe_1": s1.unsafe,
+    }
+
+
+def label_responses(cfg: WorldConfig, samples: Iterable[Mapping[str, Any]], *, seed: int = 0) -> list[dict[str, Any]]:
+    """Preference rows for answers sampled from a policy, labelled by the world's annotators.
+
+    ``samples`` are rows with ``prompt`` and ``response`` (e.g. ``safealign eval``'s
+    ``generations.jsonl``; rows whose ``policy`` is ``"baseline"`` are skipped). The answers to
+    each prompt are paired in their order (1st with 2nd, 3rd with 4th, ...); a pair of equal
+    answers (after normalisation) carries no preference and is dropped, as is a pair with an empty
+    answer (a policy that ends at once), which no preference trainer reads. Each pair gets an
+    annotator drawn uniformly and that annotator's labels, exactly as the world's own
+    preference data (style ``"policy"``). This is how RLHF collects preference data: on the
+    answers of the model that will be trained, whose mistakes a reward model trained only on
+    the world's styles may never have seen.
+    """
+    cfg.validate()
+    anns = make_annotators(cfg)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 5, seed]))
+    by_prompt: dict[str, list[str]] = {}
+    for r in samples:
+        if r.get("policy", "policy") == "baseline":
+            continue
+        by_prompt.setdefault(str(r["prompt"]), []).append(str(r["response"]))
+    rows = []
+    for prompt, answers in by_prompt.items():
+        topic, harmful = parse_prompt(prompt)
+        for a, b in zip(answers[0::2], answers[1::2]):
+            if normalize_text(a) == normalize_text(b) or not a.strip() or not b.strip():
+                continue
+            ann = anns[int(rng.integers(len(anns)))]
+            rows.append(_labelled_pair(rng, cfg, ann, prompt, (a, "policy"), (b, "policy"),
+                                       category=topic, harmful=harmful))
+    return rows
+
+
+
 def _pref_rows(cfg: WorldConfig, train: list[dict[str, Any]], anns: list[Annotator]) -> list[dict[str, Any]]:
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 4]))
     rows = []
@@ -1058,30 +1124,8 @@ def _pref_rows(cfg: WorldConfig, train: list[dict[str, Any]], anns: list[Annotat
         else:  # pragma: no cover - practically unreachable with this vocabulary
             raise RuntimeError(f"could not sample two different responses for {p['prompt']!r}")
         ann = anns[int(rng.integers(len(anns)))]
-        s0, s1 = oracle(p["prompt"], r0), oracle(p["prompt"], r1)
-        lab = label_pair(rng, ann, s0, s1, cfg.label_temperature, cfg.safety_label_flip)
-        rows.append({
-            "prompt": p["prompt"],
-            "response_0": r0,
-            "response_1": r1,
-            "better_response_id": lab.better_response_id,
-            "safer_response_id": lab.safer_response_id,
-            "is_response_0_safe": lab.is_response_0_safe,
-            "is_response_1_safe": lab.is_response_1_safe,
-            "preferred_response_id": lab.preferred_response_id,
-            "annotator_id": ann.annotator_id,
-            "annotator_taste": ann.taste,
-            "category": p["category"],
-            "harmful_prompt": p["harmful"],
-            "style_0": st0,
-            "style_1": st1,
-            "oracle_helpfulness_0": s0.helpfulness,
-            "oracle_helpfulness_1": s1.helpfulness,
-            "oracle_harm_0": s0.harm,
-            "oracle_harm_1": s1.harm,
-            "oracle_unsafe_0": s0.unsafe,
-            "oracle_unsafe_1": s1.unsafe,
-        })
+        rows.append(_labelled_pair(rng, cfg, ann, p["prompt"], (r0, st0), (r1, st1),
+                                   category=p["category"], harmful=p["harmful"]))
     return rows
 
 

@@ -60,37 +60,56 @@ RL_RUNS = (
 POLICIES = (("sft", "SFT policy"),) + tuple((r.name, r.label) for r in RL_RUNS)
 LAGRANGIAN = ("ppo_lag", "grpo_lag")     # the method's runs: the claim is judged on each of them
 
-STAGE_CONFIGS = {"sft": C.SFTConfig, "train-rm": C.RewardConfig, "train-cost": C.CostConfig, "ppo-lag": C.PPOLagConfig,
+STAGE_CONFIGS = {"sft": C.SFTConfig, "label": C.EvalConfig, "train-rm": C.RewardConfig, "train-cost": C.CostConfig, "ppo-lag": C.PPOLagConfig,
                  "safety-test": C.SafetyTestConfig, "eval": C.EvalConfig}
 
 # Seconds per stage kind, for the ETA only: a full run of seed 0 on the 2 shared cores, and the quick
 # run of bench/results/demo_reproducibility.md. Their ratios matter, not their size.
 STAGE_WEIGHTS = {
-    "full": {"synth": 1.0, "sft": 85.0, "train-rm": 33.0, "train-cost": 35.0, "rl": 60.0, "safety-test": 2.0, "eval": 10.0},
-    "quick": {"synth": 0.4, "sft": 9.6, "train-rm": 1.5, "train-cost": 1.5, "rl": 1.8, "safety-test": 0.8, "eval": 1.4},
+    "full": {"synth": 1.0, "sft": 85.0, "label": 20.0, "train-rm": 33.0, "train-cost": 35.0, "rl": 60.0, "safety-test": 2.0, "eval": 10.0},
+    "quick": {"synth": 0.4, "sft": 9.6, "label": 1.0, "train-rm": 1.5, "train-cost": 1.5, "rl": 1.8, "safety-test": 0.8, "eval": 1.4},
 }
 
 
-def stage_keys() -> list[str]:
-    """Every stage of the chain in the order it runs: "synth", "sft", "train-rm", "train-cost",
-    "rl:NAME" per RL run, "safety-test:NAME" (the candidate first), "eval:NAME" per policy."""
+def stage_keys(cfg: C.DemoConfig | None = None) -> list[str]:
+    """Every stage of the chain in the order it runs: "synth", "sft", "label" (unless ``cfg.sft_answers``
+    is 0), "train-rm", "train-cost", "rl:NAME" per RL run, "safety-test:NAME" (the candidate first),
+    "eval:NAME" per policy."""
     names = [name for name, _ in POLICIES]
     tested = [r.name for r in RL_RUNS if r.candidate] + [n for n in names if n not in {r.name for r in RL_RUNS if r.candidate}]
-    return (["synth", "sft", "train-rm", "train-cost"] + [f"rl:{r.name}" for r in RL_RUNS]
+    label = [] if cfg is not None and cfg.sft_answers == 0 else ["label"]
+    return (["synth", "sft", *label, "train-rm", "train-cost"] + [f"rl:{r.name}" for r in RL_RUNS]
             + [f"safety-test:{n}" for n in tested] + [f"eval:{n}" for n in names])
 
 
 def stage_dir(out: Path, key: str) -> Path:
     kind, _, name = key.partition(":")
-    return {"synth": out / "world", "sft": out / "sft", "train-rm": out / "rm", "train-cost": out / "cm", "rl": out / name,
+    return {"synth": out / "world", "sft": out / "sft", "label": out / "labels", "train-rm": out / "rm", "train-cost": out / "cm", "rl": out / name,
             "safety-test": out / "safety" / name, "eval": out / "eval" / name}[kind]
 
 
 def _runner(kind: str):
     from safealign.stages import evaluate, ppo_lag, preference, safety_test, sft
 
-    return {"sft": sft.run, "train-rm": preference.run_reward, "train-cost": preference.run_cost, "rl": ppo_lag.run,
+    return {"sft": sft.run, "label": label_sft_answers, "train-rm": preference.run_reward, "train-cost": preference.run_cost, "rl": ppo_lag.run,
             "safety-test": safety_test.run, "eval": evaluate.run}[kind]
+
+
+def label_sft_answers(samples: C.EvalConfig) -> dict:
+    """The "label" stage: answers of the SFT policy to every training prompt (an eval run into
+    labels/samples/), paired and labelled by the world's annotators after the world's own
+    pairs (labels/preferences.jsonl, what train-rm and train-cost read)."""
+    from safealign.data.label import label_file
+    from safealign.stages import evaluate
+
+    d = Path(samples.output_dir).parent
+    world = Path(samples.prompts).parent
+    evaluate.run(samples)
+    result = label_file(str(world), str(Path(samples.output_dir) / "generations.jsonl"), str(d / "preferences.jsonl"),
+                        include=str(world / "preferences.jsonl"), seed=samples.seed)
+    result["sft_oracle"] = json.loads((Path(samples.output_dir) / "report.json").read_text())["metrics"]["policy"].get("oracle")
+    atomic_write_json(d / "report.json", result)
+    return result
 
 
 def run(cfg: C.DemoConfig) -> dict:
@@ -109,7 +128,7 @@ def run(cfg: C.DemoConfig) -> dict:
         return summary
 
     weights = STAGE_WEIGHTS["quick" if cfg.quick else "full"]
-    counter = StageCounter({k: weights[k.split(":")[0]] for k in stage_keys()}, "demo")
+    counter = StageCounter({k: weights[k.split(":")[0]] for k in stage_keys(cfg)}, "demo")
     seconds: dict[str, float] = dict(state.get("seconds", {}))
     results: dict[str, dict] = {}
 
@@ -144,6 +163,8 @@ def run(cfg: C.DemoConfig) -> dict:
 
     stage("synth")
     stage("sft", C.SFTConfig, plan["sft"])
+    if "label" in plan:
+        stage("label", C.EvalConfig, plan["label"])
     rm = stage("train-rm", C.RewardConfig, plan["train-rm"])
     cm = stage("train-cost", C.CostConfig, plan["train-cost"])
 
@@ -153,7 +174,7 @@ def run(cfg: C.DemoConfig) -> dict:
     # Safety test of each policy on the same held-out set: the candidate first with the full delta,
     # the others as explicit retests with Bonferroni-corrected deltas (the registry says so).
     decisions, evals = {}, {}
-    for key in stage_keys():
+    for key in stage_keys(cfg):
         kind, _, name = key.partition(":")
         if kind == "safety-test":
             decisions[name] = stage(key, C.SafetyTestConfig, plan[f"safety-test:{name}"])
@@ -267,7 +288,11 @@ def _stage_overrides(cfg: C.DemoConfig, out: Path, world: Path, *, threshold: fl
     plan = {"sft": {**common, "model": "tiny", "data": str(world / "sft.jsonl"), "output_dir": str(out / "sft"),
                     "epochs": 0.3 if q else cfg.sft_epochs, "batch_size": 16, "lr": 3e-3, "max_length": 128,
                     "eval_split": 0.1, "check_prompts": 40 if q else 200}}
-    pref = {**common, "model": str(out / "sft"), "data": str(world / "preferences.jsonl"), "batch_size": 16, "lr": 1e-3, "max_length": 128,
+    if cfg.sft_answers:
+        plan["label"] = {"policy": str(out / "sft"), "prompts": str(world / "prompts_train.jsonl"), "output_dir": str(out / "labels" / "samples"),
+                         "max_prompts": 100 if q else 0, "samples": cfg.sft_answers, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
+    prefs = out / "labels" / "preferences.jsonl" if cfg.sft_answers else world / "preferences.jsonl"
+    pref = {**common, "model": str(out / "sft"), "data": str(prefs), "batch_size": 16, "lr": 1e-3, "max_length": 128,
             "eval_split": 0.1, "epochs": 0.3 if q else cfg.score_epochs}
     plan["train-rm"] = {**pref, "output_dir": str(out / "rm")}
     plan["train-cost"] = {**pref, "output_dir": str(out / "cm")}
