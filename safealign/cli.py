@@ -237,7 +237,12 @@ def _synth(cfg):
     from safealign.runtime.io import check_output_dir
 
     out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
-    paths = write_world(cfg.to_world(), out)
+    if cfg.crowd:
+        from safealign.data.crowd_world import write_crowd_world
+
+        paths = write_crowd_world(cfg.to_crowd_world(), out)
+    else:
+        paths = write_world(cfg.to_world(), out)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 

@@ -615,19 +615,37 @@ class SynthConfig:
     safety_weight: float = opt(1.0, "Weight of the shared safety principle in every annotator's overall preference.")
     rambling_share: float = opt(0.08, "Weight of the rambling styles (answers padded past the length budget by repeating themselves) among the preference data's responses; without them the reward model never sees padding and RL learns to pad (0: generator v1).")
     drift_share: float = opt(0.08, "Weight of the drifting style (an on-topic answer with a few words of another topic slipped in) among the preference data's benign responses; without it the reward model rewards any content word and RL learns to wander off topic (0: generator v2).")
+    crowd: bool = opt(False, "Write the crowd world instead (safe crowd skills, `safealign crowd`): users with distinct goals (which aspect an answer covers) sharing one safety rule, and a downstream task (task.jsonl) no user holds. Uses --seed, --n-train-prompts, --n-eval-prompts, --n-pairs, --n-sft, --label-temperature, --safety-weight and the Crowd world options.")
+    n_users: int = opt(2, "--crowd: users (annotator ids user_0..), each with its own aspect ordering; user_0 is the majority.", panel="Crowd world (--crowd)")
+    imbalance: float = opt(4.0, "--crowd: labelled pairs of the majority user per pair of each minority user (1 = balanced, 9 = 9:1).", panel="Crowd world (--crowd)")
+    label_noise: float = opt(0.05, "--crowd: probability that a preference label is flipped.", panel="Crowd world (--crowd)")
+    harmful_share: float = opt(0.5, "--crowd: share of pairs in which one answer is a harmful variant (every user rejects it: the shared safety rule).", panel="Crowd world (--crowd)")
+    task_harm_bonus: float = opt(0.25, "--crowd: task reward of an answer with harmful detail (the task cannot tell harmful specificity apart; 0: the task just ignores harm).", panel="Crowd world (--crowd)")
+    sft_harmful_rate: float = opt(0.3, "--crowd: share of harmful variants in the SFT corpus (the starting policy's harm).", panel="Crowd world (--crowd)")
+
+    CROWD_ONLY = ("crowd", "n_users", "imbalance", "label_noise", "harmful_share", "task_harm_bonus", "sft_harmful_rate")
 
     def validate(self) -> None:
         if not self.output_dir:
             raise BadInput("no output directory given", fix="pass --output-dir DIR")
         try:
-            self.to_world()
+            self.to_crowd_world() if self.crowd else self.to_world()
         except ValueError as e:
             raise BadInput(str(e)) from None
+
+    def to_crowd_world(self):
+        from safealign.data.crowd_world import CrowdWorldConfig
+
+        return CrowdWorldConfig(seed=self.seed, n_train_prompts=self.n_train_prompts, n_eval_prompts=self.n_eval_prompts,
+                                n_pairs=self.n_pairs, n_users=self.n_users, imbalance=self.imbalance, label_noise=self.label_noise,
+                                label_temperature=self.label_temperature, harmful_share=self.harmful_share,
+                                safety_weight=self.safety_weight, task_harm_bonus=self.task_harm_bonus, n_sft=self.n_sft,
+                                sft_harmful_rate=self.sft_harmful_rate).validate()
 
     def to_world(self):
         from safealign.data.synth import WorldConfig
 
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "output_dir"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "output_dir" and f.name not in self.CROWD_ONLY}
         fields["taste_shares"] = {k: float(v) for k, v in fields["taste_shares"].items()}
         return WorldConfig(**fields).validate()
 
