@@ -409,4 +409,5 @@ def test_synth_cli_crowd_defaults_are_the_crowd_worlds():
     crowd = {f.name: f.default for f in dataclasses.fields(CrowdWorldConfig)}
     cli = {f.name: f.default for f in dataclasses.fields(SynthConfig)}
     for name in SynthConfig.CROWD_ONLY[1:]:
-        assert cli[name] == crowd[name], name
+        crowd_name = {"user_temperature": "label_temperature", "user_safety_weight": "safety_weight"}.get(name, name)
+        assert cli[name] == crowd[crowd_name], name
