@@ -817,6 +817,7 @@ class CrowdSkillsConfig(DataOptions, TrainOptions, GenerationOptions):
     lora_r: int = opt(8, "LoRA rank of the LM (0 = full fine-tuning).")
     n_prefix: int = opt(4, "Soft-prompt (prefix) embeddings the z -> prefix module produces.")
     prefix_hidden: int = opt(64, "Hidden width of the z -> prefix module.")
+    prefix_scale: float = opt(10.0, "Fixed output multiplier of the z -> prefix module: under Adam the prefix learns this many times faster than the LoRA weights (it carries every difference between the users).")
     beta: float = opt(0.1, "Scale beta of the log-probability advantages in the CPL/DPO loss.")
     cpl_lambda: float = opt(1.0, "Weight lambda of the rejected answer's advantage (1 with --reference: DPO; < 1: conservative CPL).")
     reference: bool = opt(True, "Advantages relative to the starting LM without prefix (DPO-style); --no-reference: CPL's alpha * log pi.")
@@ -828,7 +829,7 @@ class CrowdSkillsConfig(DataOptions, TrainOptions, GenerationOptions):
         _validate_common(self)
         if not self.latent:
             raise BadInput("no latent model given", fix="pass --latent DIR (the output of `safealign crowd latent`)")
-        _validate_positive(self, ("n_prefix", "prefix_hidden", "beta", "eval_samples", "max_new_tokens", "min_labels_per_annotator"))
+        _validate_positive(self, ("n_prefix", "prefix_hidden", "prefix_scale", "beta", "eval_samples", "max_new_tokens", "min_labels_per_annotator"))
 
 
 @help_panels("Crowd skills", {"Training": "batch_size lr", "Data": "prompts task eval_prompts"})

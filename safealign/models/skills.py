@@ -79,24 +79,27 @@ class PooledBT(nn.Module):
 
 
 class ZPrefix(nn.Module):
-    """z -> n_prefix soft-prompt embeddings: ``(W2 tanh(W1 z + b1) + b2).reshape(n_prefix, hidden_size)``."""
+    """z -> n_prefix soft-prompt embeddings: ``scale * (W2 tanh(W1 z + b1) + b2).reshape(n_prefix, hidden_size)``.
 
-    def __init__(self, z_dim: int, n_prefix: int, hidden_size: int, mlp_hidden: int):
+    ``scale`` is a fixed multiplier: under Adam it makes the prefix move ``scale`` times faster than a weight of the
+    LM at the same learning rate (the prefix is what has to carry every difference between the users)."""
+
+    def __init__(self, z_dim: int, n_prefix: int, hidden_size: int, mlp_hidden: int, scale: float = 1.0):
         super().__init__()
-        self.z_dim, self.n_prefix, self.hidden_size, self.mlp_hidden = z_dim, n_prefix, hidden_size, mlp_hidden
+        self.z_dim, self.n_prefix, self.hidden_size, self.mlp_hidden, self.scale = z_dim, n_prefix, hidden_size, mlp_hidden, float(scale)
         self.fc1 = nn.Linear(z_dim, mlp_hidden)
         self.fc2 = nn.Linear(mlp_hidden, n_prefix * hidden_size)
-        nn.init.normal_(self.fc2.weight, std=0.02)
+        nn.init.normal_(self.fc2.weight, std=0.02 / self.scale)
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, z_dim] -> [B, n_prefix, hidden_size]"""
-        return self.fc2(torch.tanh(self.fc1(z))).view(z.shape[0], self.n_prefix, self.hidden_size)
+        return self.scale * self.fc2(torch.tanh(self.fc1(z))).view(z.shape[0], self.n_prefix, self.hidden_size)
 
     def config(self) -> dict:
         return {"format": "safealign-z-prefix-v1", "z_dim": self.z_dim, "n_prefix": self.n_prefix, "hidden_size": self.hidden_size,
-                "mlp_hidden": self.mlp_hidden,
-                "formula": "prefix = (fc2.weight @ tanh(fc1.weight @ z + fc1.bias) + fc2.bias).reshape(n_prefix, hidden_size)",
+                "mlp_hidden": self.mlp_hidden, "scale": self.scale,
+                "formula": "prefix = scale * (fc2.weight @ tanh(fc1.weight @ z + fc1.bias) + fc2.bias).reshape(n_prefix, hidden_size)",
                 "usage": "prepend prefix to the LM's input embeddings of the prompt (attention mask 1 on the prefix, "
                          "positions counted over attended tokens); the LM is the model directory beside this file"}
 
@@ -115,7 +118,7 @@ def load_zprefix(path: str | Path) -> ZPrefix:
     from safetensors.torch import load_file
 
     cfg = json.loads((Path(path) / ZPREFIX_CONFIG).read_text())
-    m = ZPrefix(cfg["z_dim"], cfg["n_prefix"], cfg["hidden_size"], cfg["mlp_hidden"])
+    m = ZPrefix(cfg["z_dim"], cfg["n_prefix"], cfg["hidden_size"], cfg["mlp_hidden"], cfg.get("scale", 1.0))
     m.load_state_dict(load_file(str(Path(path) / ZPREFIX_WEIGHTS)))
     return m.eval()
 
