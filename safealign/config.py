@@ -791,7 +791,7 @@ class CrowdLatentConfig(DataOptions, TrainOptions):
     lr: float | None = opt(3e-3, "Peak learning rate.")
     min_labels_per_annotator: int = opt(20, "Annotators with fewer labelled training pairs are bad input (exit 2) unless --invalid-rows skip drops them.")
     z_dim: int = opt(4, "Dimensions of the latent z.")
-    bow_dim: int = opt(256, "Hashed bag-of-words buckets per text (prompt and response each).")
+    bow_dim: int = opt(1024, "Hashed bag-of-words buckets of a response (1024: few collisions among the crowd world's ~250 words; at 256 a harmful word shared its bucket with safe ones).")
     hidden: int = opt(64, "Hidden width of the encoder and decoder.")
     context_pairs: int = opt(8, "Labelled pairs of one annotator the encoder sees per training example.")
     target_pairs: int = opt(8, "Pairs of the same annotator the decoder is trained on per example.")
