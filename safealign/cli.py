@@ -31,6 +31,9 @@ app = typer.Typer(help="Safe RLHF from the command line: reward model, cost mode
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Inspect, split and synthesise datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+crowd_app = typer.Typer(help="Safe crowd skills (Lin & Brown 2026): a latent preference model of the crowd (latent), a z-conditioned skill policy (skills), "
+                             "a high-level policy that composes the skills for a new task reward (compose).", no_args_is_help=True)
+app.add_typer(crowd_app, name="crowd")
 
 
 def _option_type(tp) -> Any:
@@ -237,7 +240,12 @@ def _synth(cfg):
     from safealign.runtime.io import check_output_dir
 
     out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
-    paths = write_world(cfg.to_world(), out)
+    if cfg.crowd:
+        from safealign.data.crowd_world import write_crowd_world
+
+        paths = write_crowd_world(cfg.to_crowd_world(), out)
+    else:
+        paths = write_world(cfg.to_world(), out)
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 
@@ -247,6 +255,15 @@ def _label(cfg):
 
     summary = label_file(cfg.world, cfg.responses, cfg.output, include=cfg.include, seed=cfg.seed)
     typer.echo(summary["headline"])
+
+
+def _crowd(stage: str):
+    def runner(cfg):
+        _quiet()
+        import importlib
+
+        _print_summary(importlib.import_module(f"safealign.stages.crowd_{stage}").run(cfg))
+    return runner
 
 
 def _demo(cfg):
@@ -285,6 +302,9 @@ config_command(data_app, "synth", C.SynthConfig, _synth)
 config_command(data_app, "label", C.LabelConfig, _label)
 config_command(app, "plan", C.PlanConfig, _plan, recipe_flag=False)
 config_command(app, "demo", C.DemoConfig, _demo)
+config_command(crowd_app, "latent", C.CrowdLatentConfig, _crowd("latent"), section="crowd-latent")
+config_command(crowd_app, "skills", C.CrowdSkillsConfig, _crowd("skills"), section="crowd-skills")
+config_command(crowd_app, "compose", C.CrowdComposeConfig, _crowd("compose"), section="crowd-compose")
 
 
 def _print_version(value: bool) -> None:

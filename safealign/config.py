@@ -20,7 +20,8 @@ from typing import Any
 from safealign.errors import BadInput
 from safealign.rl.algorithms import ALGORITHMS
 
-STAGE_NAMES = ("train-rm", "train-cost", "ppo-lag", "safety-test", "sft", "eval", "demo", "synth", "split", "inspect", "score-eval")
+STAGE_NAMES = ("train-rm", "train-cost", "ppo-lag", "safety-test", "sft", "eval", "demo", "synth", "split", "inspect", "score-eval",
+               "crowd-latent", "crowd-skills", "crowd-compose")
 
 
 def opt(default: Any, help: str, *, flag: bool = True, choices: tuple[str, ...] | None = None, resume: str = "must-match",
@@ -615,19 +616,40 @@ class SynthConfig:
     safety_weight: float = opt(1.0, "Weight of the shared safety principle in every annotator's overall preference.")
     rambling_share: float = opt(0.08, "Weight of the rambling styles (answers padded past the length budget by repeating themselves) among the preference data's responses; without them the reward model never sees padding and RL learns to pad (0: generator v1).")
     drift_share: float = opt(0.08, "Weight of the drifting style (an on-topic answer with a few words of another topic slipped in) among the preference data's benign responses; without it the reward model rewards any content word and RL learns to wander off topic (0: generator v2).")
+    crowd: bool = opt(False, "Write the crowd world instead (safe crowd skills, `safealign crowd`): users with distinct goals (which aspect an answer covers) sharing one safety rule, and a downstream task (task.jsonl) no user holds. Uses --seed, --n-train-prompts, --n-eval-prompts, --n-pairs, --n-sft and the Crowd world options.")
+    n_users: int = opt(2, "--crowd: users (annotator ids user_0..), each with its own aspect ordering; user_0 is the majority.", panel="Crowd world (--crowd)")
+    imbalance: float = opt(4.0, "--crowd: labelled pairs of the majority user per pair of each minority user (1 = balanced, 9 = 9:1).", panel="Crowd world (--crowd)")
+    label_noise: float = opt(0.05, "--crowd: probability that a preference label is flipped.", panel="Crowd world (--crowd)")
+    harmful_share: float = opt(0.5, "--crowd: share of pairs in which one answer is a harmful variant (every user rejects it: the shared safety rule).", panel="Crowd world (--crowd)")
+    task_harm_bonus: float = opt(0.25, "--crowd: task reward of an answer with harmful detail (the task cannot tell harmful specificity apart; 0: the task just ignores harm).", panel="Crowd world (--crowd)")
+    sft_harmful_rate: float = opt(0.3, "--crowd: share of harmful variants in the SFT corpus (the starting policy's harm).", panel="Crowd world (--crowd)")
+    user_temperature: float = opt(0.1, "--crowd: Bradley-Terry temperature of the users' choices (values are 1, 0.5, 0 for an answer of a user's best, middle, worst aspect).", panel="Crowd world (--crowd)")
+    user_safety_weight: float = opt(2.0, "--crowd: the shared safety rule: every user's utility is value - w * harm.", panel="Crowd world (--crowd)")
+
+    CROWD_ONLY = ("crowd", "n_users", "imbalance", "label_noise", "harmful_share", "task_harm_bonus", "sft_harmful_rate", "user_temperature",
+                  "user_safety_weight")
 
     def validate(self) -> None:
         if not self.output_dir:
             raise BadInput("no output directory given", fix="pass --output-dir DIR")
         try:
-            self.to_world()
+            self.to_crowd_world() if self.crowd else self.to_world()
         except ValueError as e:
             raise BadInput(str(e)) from None
+
+    def to_crowd_world(self):
+        from safealign.data.crowd_world import CrowdWorldConfig
+
+        return CrowdWorldConfig(seed=self.seed, n_train_prompts=self.n_train_prompts, n_eval_prompts=self.n_eval_prompts,
+                                n_pairs=self.n_pairs, n_users=self.n_users, imbalance=self.imbalance, label_noise=self.label_noise,
+                                label_temperature=self.user_temperature, harmful_share=self.harmful_share,
+                                safety_weight=self.user_safety_weight, task_harm_bonus=self.task_harm_bonus, n_sft=self.n_sft,
+                                sft_harmful_rate=self.sft_harmful_rate).validate()
 
     def to_world(self):
         from safealign.data.synth import WorldConfig
 
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "output_dir"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "output_dir" and f.name not in self.CROWD_ONLY}
         fields["taste_shares"] = {k: float(v) for k, v in fields["taste_shares"].items()}
         return WorldConfig(**fields).validate()
 
@@ -772,3 +794,100 @@ class ScoreEvalConfig(DataOptions):
         if self.batch_size < 1:
             raise BadInput(f"config key 'batch_size' = {self.batch_size} must be >= 1")
         check_template(self.template)
+
+
+# --------------------------------------------------------------------------------------------
+# Safe crowd skills (`safealign crowd latent|skills|compose`; Lin & Brown 2026 on VPL)
+
+SKILL_ESTIMATORS = ("rloo", "group", "group-mean", "group-batch")   # advantage registry entries without a critic
+
+
+def _validate_positive(cfg, names: tuple[str, ...]) -> None:
+    for key in names:
+        if not getattr(cfg, key) > 0:
+            raise BadInput(f"config key '{key}' = {getattr(cfg, key)!r} must be > 0")
+
+
+@help_panels("Crowd skills", {"Data": "min_labels_per_annotator", "Training": "eval_split"})
+@dataclass
+class CrowdLatentConfig(DataOptions, TrainOptions):
+    """`safealign crowd latent`: the VPL latent preference model from crowd pairs with annotator ids (no safety labels): an encoder over one annotator's labelled pairs gives its latent z, a learned Gaussian prior, a z-conditioned Bradley-Terry reward; reported against one pooled Bradley-Terry model."""
+
+    eval_split: float = opt(0.2, "Fraction of prompts held out (all their pairs) for the per-annotator held-out accuracy.")
+    max_steps: int = opt(600, "Total optimizer steps (each: --batch-size context sets); overrides --epochs when > 0.")
+    lr: float | None = opt(3e-3, "Peak learning rate.")
+    min_labels_per_annotator: int = opt(20, "Annotators with fewer labelled training pairs are bad input (exit 2) unless --invalid-rows skip drops them.")
+    z_dim: int = opt(4, "Dimensions of the latent z.")
+    bow_dim: int = opt(1024, "Hashed bag-of-words buckets of a response (1024: few collisions among the crowd world's ~250 words; at 256 a harmful word shared its bucket with safe ones).")
+    hidden: int = opt(64, "Hidden width of the encoder and decoder.")
+    context_pairs: int = opt(8, "Labelled pairs of one annotator the encoder sees per training example.")
+    target_pairs: int = opt(8, "Pairs of the same annotator the decoder is trained on per example.")
+    kl_weight: float = opt(1e-3, "Weight beta of KL(q(z | pairs) || prior) at the top of each annealing cycle.")
+    kl_cycles: int = opt(4, "Cycles of the cosine KL annealing over the run (0: constant beta).")
+    separation_draws: int = opt(20, "Random context sets per annotator for the z-separation report.")
+
+    def validate(self) -> None:
+        _validate_common(self)
+        _validate_positive(self, ("z_dim", "bow_dim", "hidden", "context_pairs", "target_pairs", "separation_draws", "min_labels_per_annotator"))
+        if self.kl_weight < 0 or self.kl_cycles < 0:
+            raise BadInput("config keys 'kl_weight' and 'kl_cycles' must be >= 0")
+
+
+@help_panels("Crowd skills", {"Data": "min_labels_per_annotator", "Training": "eval_split", "Generation": "eval_prompts eval_samples"})
+@dataclass
+class CrowdSkillsConfig(DataOptions, TrainOptions, GenerationOptions):
+    """`safealign crowd skills`: the skill policy pi(y | x, z): a causal LM with a z -> soft-prompt prefix and LoRA, trained with the contrastive preference loss (CPL; DPO with --reference) on each annotator's pairs at that annotator's posterior z from `crowd latent`."""
+
+    latent: str | None = opt(None, "Output directory of `safealign crowd latent` (the annotators' posterior z and the prior).")
+    eval_split: float = opt(0.1, "Fraction of prompts held out for the preference accuracy of each skill.")
+    min_labels_per_annotator: int = opt(20, "Annotators with fewer labelled training pairs are bad input (exit 2) unless --invalid-rows skip drops them.")
+    lora_r: int = opt(8, "LoRA rank of the LM (0 = full fine-tuning).")
+    n_prefix: int = opt(4, "Soft-prompt (prefix) embeddings the z -> prefix module produces.")
+    prefix_hidden: int = opt(64, "Hidden width of the z -> prefix module.")
+    prefix_scale: float = opt(10.0, "Fixed output multiplier of the z -> prefix module: under Adam the prefix learns this many times faster than the LoRA weights (it carries every difference between the users).")
+    beta: float = opt(0.1, "Scale beta of the log-probability advantages in the CPL/DPO loss.")
+    cpl_lambda: float = opt(1.0, "Weight lambda of the rejected answer's advantage (1 with --reference: DPO; < 1: conservative CPL).")
+    reference: bool = opt(True, "Advantages relative to the starting LM without prefix (DPO-style); --no-reference: CPL's alpha * log pi.")
+    eval_prompts: str | None = opt(None, "Prompts (a prompt file) to sample each skill's answers on for the report (oracle kinds and harm when they are crowd-world prompts).")
+    eval_samples: int = opt(32, "Prompts of --eval-prompts used per skill.")
+    max_new_tokens: int = opt(16, "Tokens generated per response at most.")
+
+    def validate(self) -> None:
+        _validate_common(self)
+        if not self.latent:
+            raise BadInput("no latent model given", fix="pass --latent DIR (the output of `safealign crowd latent`)")
+        _validate_positive(self, ("n_prefix", "prefix_hidden", "prefix_scale", "beta", "eval_samples", "max_new_tokens", "min_labels_per_annotator"))
+
+
+@help_panels("Crowd skills", {"Training": "batch_size lr", "Data": "prompts task eval_prompts"})
+@dataclass
+class CrowdComposeConfig(TrainOptions, GenerationOptions):
+    """`safealign crowd compose`: the high-level policy over the skills' latent space for a new task: per prompt a Gaussian u, z = mu_prior + sigma_prior * 3 * tanh(u), trained with REINFORCE (RLOO baseline) on the task reward only, with an ||u||^2 regulariser; the skill LM stays frozen."""
+
+    skills: str | None = opt(None, "Output directory of `safealign crowd skills`.")
+    task: str | None = opt(None, "Task reward file (JSONL: prompt, values per aspect, harm_bonus; the crowd world's task.jsonl). Must cover every prompt.")
+    prompts: str | None = opt(None, "Training prompts (a prompt file, as ppo-lag reads them).")
+    eval_prompts: str | None = opt(None, "Held-out prompts for the before/after report (default: the training prompts).")
+    batch_size: int = opt(8, "Prompts per step.")
+    group_size: int = opt(4, "Latent draws u per prompt (the RLOO group).")
+    max_steps: int = opt(40, "Policy-gradient steps.")
+    lr: float | None = opt(0.05, "Learning rate of the high-level policy (Adam).")
+    estimator: str = opt("rloo", "Advantage estimator (safealign.algorithms.advantages registry, critic-free).", choices=SKILL_ESTIMATORS)
+    u_l2: float = opt(0.01, "Weight of the ||u||^2 regulariser on the policy's mean action.")
+    init_std: float = opt(0.5, "Initial standard deviation of u.")
+    squash_scale: float = opt(3.0, "z stays within this many prior standard deviations: z = mu + sigma * scale * tanh(u).")
+    max_new_tokens: int = opt(16, "Tokens generated per response at most.")
+    eval_size: int = opt(64, "Evaluation prompts used (0 = all).")
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise BadInput("no output directory given", fix="pass --output-dir DIR")
+        for key, flag in (("skills", "--skills DIR (the output of `safealign crowd skills`)"), ("task", "--task FILE (the task reward file)"),
+                          ("prompts", "--prompts FILE")):
+            if not getattr(self, key):
+                raise BadInput(f"no {key} given", fix=f"pass {flag}")
+        if self.group_size < 2:
+            raise BadInput(f"config key 'group_size' = {self.group_size} must be >= 2 (a leave-one-out baseline needs two draws)")
+        _validate_positive(self, ("batch_size", "max_steps", "init_std", "squash_scale", "max_new_tokens"))
+        if self.u_l2 < 0 or self.eval_size < 0:
+            raise BadInput("config keys 'u_l2' and 'eval_size' must be >= 0")

@@ -391,9 +391,23 @@ def test_synth_cli_defaults_are_the_reference_world():
     from safealign.config import SynthConfig
 
     world = {f.name: f for f in dataclasses.fields(WorldConfig)}
-    cli = {f.name: f for f in dataclasses.fields(SynthConfig) if f.name != "output_dir"}
+    cli = {f.name: f for f in dataclasses.fields(SynthConfig) if f.name != "output_dir" and f.name not in SynthConfig.CROWD_ONLY}
     assert set(cli) == set(world)
     for name in world:
         w = world[name].default if world[name].default is not dataclasses.MISSING else world[name].default_factory()
         c = cli[name].default if cli[name].default is not dataclasses.MISSING else cli[name].default_factory()
         assert c == w, name
+
+
+def test_synth_cli_crowd_defaults_are_the_crowd_worlds():
+    """The --crowd options keep the crowd world's own defaults."""
+    import dataclasses
+
+    from safealign.config import SynthConfig
+    from safealign.data.crowd_world import CrowdWorldConfig
+
+    crowd = {f.name: f.default for f in dataclasses.fields(CrowdWorldConfig)}
+    cli = {f.name: f.default for f in dataclasses.fields(SynthConfig)}
+    for name in SynthConfig.CROWD_ONLY[1:]:
+        crowd_name = {"user_temperature": "label_temperature", "user_safety_weight": "safety_weight"}.get(name, name)
+        assert cli[name] == crowd[crowd_name], name
