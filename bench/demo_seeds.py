@@ -2,7 +2,7 @@
 
 Runs `safealign demo --seed N` per seed (each a new world, SFT policy, reward and cost models and
 RL runs; minutes each on 2 CPU cores) or, with --from, collects finished demos from
-FROM/dN; writes per seed `seedN.json` (headline, claims, thresholds, table) and `seedN.md` (the
+FROM/dN (--prefix d); writes per seed `seedN.json` (headline, claims, thresholds, table) and `seedN.md` (the
 demo's report), and `seeds.md`: one row per seed and policy with the claim's verdict.
 
     python bench/demo_seeds.py --seeds 0 1 2 3 4 --work /tmp/demos --out bench/results/demo
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 KEEP = ("headline", "claims", "threshold", "train_threshold", "threshold_calibration", "table", "seconds_total")
-ROWS = ("SFT policy", "reward-only PPO", "PPO-Lagrangian", "GRPO-Lagrangian")
+ROWS = {"SFT policy": "sft", "reward-only PPO": "ppo", "PPO-Lagrangian": "ppo_lag", "GRPO-Lagrangian": "grpo_lag"}  # label -> eval/NAME
 
 
 def run_demo(seed: int, out: Path, extra: list[str]) -> None:
@@ -31,6 +31,12 @@ def run_demo(seed: int, out: Path, extra: list[str]) -> None:
 def collect(seed: int, demo: Path, out: Path, name: str) -> dict:
     summary = json.loads((demo / "summary.json").read_text())
     kept = {k: summary.get(k) for k in KEEP}
+    for row in kept["table"]:  # the standard error over prompts of benign helpfulness, from the policy's eval
+        name = ROWS.get(row["policy"])
+        ev = demo / "eval" / str(name) / "report.json"
+        if name and ev.is_file():
+            oracle = json.loads(ev.read_text())["metrics"]["policy"].get("oracle") or {}
+            row["helpfulness on benign prompts se"] = oracle.get("helpfulness_mean_benign_prompts_se")
     (out / f"{name}.json").write_text(json.dumps(kept, indent=1) + "\n")
     (out / f"{name}.md").write_text((demo / "report.md").read_text())
     return kept
@@ -76,13 +82,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="where the demos run (DIR/dN per seed)")
     ap.add_argument("--from", dest="src", type=Path, help="collect finished demos from DIR/dN instead of running them")
     ap.add_argument("--out", type=Path, default=Path("bench/results/demo"))
+    ap.add_argument("--prefix", default="d", help="a seed's demo directory is DIR/PREFIX<seed>")
     args, extra = ap.parse_known_args()
     if not (args.work or args.src):
         ap.error("give --work DIR (run the demos) or --from DIR (collect them)")
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for seed in args.seeds:
-        demo = (args.src or args.work) / f"d{seed}"
+        demo = (args.src or args.work) / f"{args.prefix}{seed}"
         if args.work and not args.src:
             run_demo(seed, demo, extra)
         results[seed] = collect(seed, demo, args.out, f"seed{seed}")

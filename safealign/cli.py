@@ -164,58 +164,24 @@ def _pushed(cfg, run: Callable[[Any], dict], stage: str) -> dict:
     return summary
 
 
-def _train_rm(cfg):
-    _quiet()
-    from safealign.stages.preference import run_reward
+def _stage(target: str, push: str | None = None) -> Callable[[Any], None]:
+    """The runner of a stage command: import ``module:function`` of ``safealign.stages`` only when the
+    command runs (``--help`` stays fast), run it, print its headline; ``push`` names the stage for
+    --push-to-hub (training stages and safety-test)."""
+    module, _, function = target.partition(":")
 
-    _print_summary(_pushed(cfg, run_reward, "train-rm"))
+    def runner(cfg):
+        _quiet()
+        import importlib
+
+        run = getattr(importlib.import_module(f"safealign.stages.{module}"), function or "run")
+        _print_summary(_pushed(cfg, run, push) if push else run(cfg))
+    return runner
 
 
 def _train_cost(cfg):
-    _quiet()
-    if cfg.crowd:
-        from safealign.stages.crowd import run as run_crowd
-
-        _print_summary(_pushed(cfg, run_crowd, "train-cost"))
-        return
-    from safealign.stages.preference import run_cost
-
-    _print_summary(_pushed(cfg, run_cost, "train-cost"))
-
-
-def _ppo_lag(cfg):
-    _quiet()
-    from safealign.stages.ppo_lag import run
-
-    _print_summary(_pushed(cfg, run, "ppo-lag"))
-
-
-def _safety_test(cfg):
-    _quiet()
-    from safealign.stages.safety_test import run
-
-    _print_summary(_pushed(cfg, run, "safety-test"))
-
-
-def _sft(cfg):
-    _quiet()
-    from safealign.stages.sft import run
-
-    _print_summary(_pushed(cfg, run, "sft"))
-
-
-def _eval(cfg):
-    _quiet()
-    from safealign.stages.evaluate import run
-
-    _print_summary(run(cfg))
-
-
-def _score_eval(cfg):
-    _quiet()
-    from safealign.stages.score_eval import run
-
-    _print_summary(run(cfg))
+    """train-cost: the crowd route (per-annotator heads, shared safety cost) or the Safe RLHF cost model."""
+    _stage("crowd" if cfg.crowd else "preference:run_cost", "train-cost")(cfg)
 
 
 def _inspect(cfg):
@@ -227,12 +193,6 @@ def _inspect(cfg):
     if cfg.output:
         atomic_write_json(cfg.output, result)
         typer.echo(f"wrote {cfg.output}")
-
-
-def _split(cfg):
-    from safealign.stages.split import run
-
-    _print_summary(run(cfg))
 
 
 def _synth(cfg):
@@ -257,22 +217,6 @@ def _label(cfg):
     typer.echo(summary["headline"])
 
 
-def _crowd(stage: str):
-    def runner(cfg):
-        _quiet()
-        import importlib
-
-        _print_summary(importlib.import_module(f"safealign.stages.crowd_{stage}").run(cfg))
-    return runner
-
-
-def _demo(cfg):
-    _quiet()
-    from safealign.stages.demo import run
-
-    _print_summary(run(cfg))
-
-
 def _plan(cfg):
     from safealign.plan import run
 
@@ -289,22 +233,22 @@ def _print_summary(summary: dict | None) -> None:
         typer.echo(f"wrote {summary['output_dir']}/report.md")
 
 
-config_command(app, "train-rm", C.RewardConfig, _train_rm)
+config_command(app, "train-rm", C.RewardConfig, _stage("preference:run_reward", "train-rm"))
 config_command(app, "train-cost", C.CostConfig, _train_cost)
-config_command(app, "ppo-lag", C.PPOLagConfig, _ppo_lag)
-config_command(app, "safety-test", C.SafetyTestConfig, _safety_test)
-config_command(app, "sft", C.SFTConfig, _sft)
-config_command(app, "eval", C.EvalConfig, _eval)
-config_command(app, "score-eval", C.ScoreEvalConfig, _score_eval)
+config_command(app, "ppo-lag", C.PPOLagConfig, _stage("ppo_lag", "ppo-lag"))
+config_command(app, "safety-test", C.SafetyTestConfig, _stage("safety_test", "safety-test"))
+config_command(app, "sft", C.SFTConfig, _stage("sft", "sft"))
+config_command(app, "eval", C.EvalConfig, _stage("evaluate"))
+config_command(app, "score-eval", C.ScoreEvalConfig, _stage("score_eval"))
 config_command(data_app, "inspect", C.InspectConfig, _inspect)
-config_command(data_app, "split", C.SplitConfig, _split)
+config_command(data_app, "split", C.SplitConfig, _stage("split"))
 config_command(data_app, "synth", C.SynthConfig, _synth)
 config_command(data_app, "label", C.LabelConfig, _label)
 config_command(app, "plan", C.PlanConfig, _plan, recipe_flag=False)
-config_command(app, "demo", C.DemoConfig, _demo)
-config_command(crowd_app, "latent", C.CrowdLatentConfig, _crowd("latent"), section="crowd-latent")
-config_command(crowd_app, "skills", C.CrowdSkillsConfig, _crowd("skills"), section="crowd-skills")
-config_command(crowd_app, "compose", C.CrowdComposeConfig, _crowd("compose"), section="crowd-compose")
+config_command(app, "demo", C.DemoConfig, _stage("demo"))
+config_command(crowd_app, "latent", C.CrowdLatentConfig, _stage("crowd_latent"), section="crowd-latent")
+config_command(crowd_app, "skills", C.CrowdSkillsConfig, _stage("crowd_skills"), section="crowd-skills")
+config_command(crowd_app, "compose", C.CrowdComposeConfig, _stage("crowd_compose"), section="crowd-compose")
 
 
 def _print_version(value: bool) -> None:

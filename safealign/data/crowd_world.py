@@ -115,10 +115,7 @@ def sample_answer(rng: np.random.Generator, prompt: str, kind: int, harmful: boo
     text = synth._compose(rng, aspect_words(topic)[kind], int(rng.integers(2, 5)))
     if harmful:
         words = synth._HARM_SPEC[synth._pick(rng, synth.HARM_CATEGORIES)]["harmful"]
-        for _ in range(int(rng.integers(1, 3))):
-            parts = text.split()
-            parts.insert(int(rng.integers(1, len(parts) + 1)), synth._pick(rng, words))
-            text = " ".join(parts)
+        text = synth.slip_in(rng, text, words, int(rng.integers(1, 3)))
     return text
 
 

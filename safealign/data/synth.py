@@ -599,6 +599,16 @@ def _insert_filler(rng: np.random.Generator, text: str, n: int) -> str:
     return " ".join(toks)
 
 
+def slip_in(rng: np.random.Generator, text: str, words: Sequence[str], n: int) -> str:
+    """``text`` with ``n`` words drawn from ``words`` inserted one by one, each after a random word
+    (never before the first): a harmful detail or another topic's word slipped into an answer."""
+    for _ in range(n):
+        parts = text.split()
+        parts.insert(int(rng.integers(1, len(parts) + 1)), _pick(rng, words))
+        text = " ".join(parts)
+    return text
+
+
 def _ramble(rng: np.random.Generator, text: str) -> str:
     """Extend an answer past the oracle's length budget by repeating its own words and connectors.
 
@@ -667,19 +677,13 @@ def sample_response(prompt: str, rng: np.random.Generator, style: str | None = N
         elif style == "leaky":
             harm = _HARM_SPEC[_pick(rng, HARM_CATEGORIES)]["harmful"]
             text = _compose(rng, words, int(rng.integers(3, 6)))
-            for _ in range(int(rng.integers(1, 3))):
-                parts = text.split()
-                parts.insert(int(rng.integers(1, len(parts) + 1)), _pick(rng, harm))
-                text = " ".join(parts)
+            text = slip_in(rng, text, harm, int(rng.integers(1, 3)))
         elif style == "rambling":
             text = _ramble(rng, _compose(rng, words, int(rng.integers(3, 6))))
         elif style == "drifting":  # the answer wanders into another topic: what RL finds when any content word looks helpful
             other = _TOPIC_SPEC[_pick(rng, [t for t in TOPICS if t != topic])]["helpful"]
             text = _compose(rng, words, int(rng.integers(3, 6)))
-            for _ in range(int(rng.integers(1, 4))):
-                parts = text.split()
-                parts.insert(int(rng.integers(1, len(parts) + 1)), _pick(rng, other))
-                text = " ".join(parts)
+            text = slip_in(rng, text, other, int(rng.integers(1, 4)))
         else:  # filler
             text = " ".join(_pick(rng, _FILLER + _GLUE[:6]) for _ in range(int(rng.integers(4, 9))))
     return text, style
