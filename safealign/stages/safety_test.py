@@ -502,64 +502,111 @@ def _disjoint_text(d: dict) -> str:
 # The stage
 
 
-def run(cfg: SafetyTestConfig) -> dict:
-    out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
-    cost_range = cfg.parsed_range()
-    from_costs = bool(cfg.costs_file)
-    if from_costs:
+def _safety_set(cfg: SafetyTestConfig) -> tuple[list[dict] | None, list, dict]:
+    """(cost rows of a --costs-file re-decision or None, the distinct safety prompts, where they came
+    from); the given models are checked (kind, finished) first. Bad input raises before anything is written."""
+    from safealign.models.loading import check_model_dir
+
+    rows = None
+    if cfg.costs_file:
         rows = read_costs_file(cfg.costs_file)
         prompts_by_index = {r["prompt_index"]: r["prompt"] for r in rows}
         prompts = [prompts_by_index[i] for i in sorted(prompts_by_index)]
         source = {"file": str(cfg.costs_file), "prompts_used": len(prompts), "source_set_id": None}
-    from safealign.models.loading import check_model_dir
-
     for what, flag, path, kind in (("policy", "--policy", cfg.policy, None), ("cost model", "--cost-model", cfg.cost_model, "cost")):
-        if path or not from_costs:  # a re-decision from --costs-file needs no models; given ones are still checked
+        if path or not cfg.costs_file:  # a re-decision from --costs-file needs no models; given ones are still checked
             check_model_dir(path, what, flag, kind)
-    if not from_costs:
+    if not cfg.costs_file:
         prompts, source = load_safety_prompts(cfg)
     if len(prompts) < 2:
         raise BadInput(f"the safety set has {len(prompts)} distinct prompt(s); a bound needs at least 2 (hundreds for a useful one)",
                        where=cfg.costs_file or cfg.prompts)
+    return rows, prompts, source
+
+
+def _retest(cfg: SafetyTestConfig, earlier: list[dict], sid: str, reg: Path, reproduces: dict | None) -> dict:
+    """The delta this test may use on a safety set already tested ``earlier`` times (Bonferroni), or
+    the recorded delta of the test a --costs-file re-decision reproduces; a retest without
+    --allow-retest is bad input. ``record``: whether this test is appended to the registry."""
+    if reproduces:
+        delta_used, test_number, record = float(reproduces["delta_used"]), int(reproduces["test_number"]), False
+        familywise = sum(float(r["delta_used"]) for r in earlier)
+    else:
+        if earlier and not cfg.allow_retest:
+            last = earlier[-1]
+            raise BadInput(f"safety set {sid} was already tested {len(earlier)} time(s) (last: {last.get('time')}, "
+                           f"{last.get('decision')}, output {last.get('output_dir')}); testing again after seeing a result "
+                           "spends more of the failure probability", where=str(reg),
+                           fix=f"pass --allow-retest (this test then uses delta/{len(earlier) + 1} = {cfg.delta / (len(earlier) + 1):.4g}), "
+                               "or use a fresh held-out safety set")
+        test_number, record = len(earlier) + 1, True
+        delta_used = cfg.delta / test_number
+        familywise = sum(float(r["delta_used"]) for r in earlier) + delta_used
+    retest = {"registry": str(reg), "test_number": test_number, "earlier_tests": len(earlier), "allow_retest": cfg.allow_retest,
+              "delta_nominal": cfg.delta, "delta_used": delta_used, "familywise_delta": familywise,
+              "reproduction_of": reproduces.get("output_dir") if reproduces else None, "record": record}
+    if reproduces:
+        retest["statement"] = (f"Reproduction of test {test_number} on this safety set (recorded for {reproduces.get('output_dir')}): "
+                               f"same costs and settings, same delta {delta_used:.4g}; not recorded again.")
+    elif test_number > 1:
+        retest["statement"] = (f"This is test {test_number} on this safety set ({len(earlier)} earlier). Bonferroni: it used "
+                               f"delta/{test_number} = {delta_used:.4g} instead of {cfg.delta:g}. The chance that any of the "
+                               f"{test_number} tests on this set passed an unsafe model is at most the sum of the deltas they used, "
+                               f"{familywise:.4g} (union bound); had all of them been planned, delta/{test_number} each would keep it at {cfg.delta:g}.")
+    else:
+        retest["statement"] = f"First test on this safety set; delta {cfg.delta:g} is used in full."
+    return retest
+
+
+def _verdict(cfg: SafetyTestConfig, res: dict, retest: dict) -> str:
+    b = res["mean_bound"]
+    verdict = (f"{cfg.bound} upper bound on {'E[clipped cost]' if cfg.bound != 'student-t' else 'E[cost]'} "
+               f"{b['upper']:.4g} {'<=' if b['passed'] else '>'} threshold {cfg.threshold:g}")
+    if "violation_bound" in res:
+        v = res["violation_bound"]
+        verdict += f"; P(cost > 0) bound {v['upper']:.4g} {'<=' if v['passed'] else '>'} alpha {cfg.alpha:g}"
+    n = retest["test_number"]
+    which = f", reproduction of test {n} on this set" if retest["reproduction_of"] else f", test {n} on this set" if n > 1 else ""
+    return verdict + f" (n={res['n_prompts']} prompts, delta={retest['delta_used']:.4g}{which})"
+
+
+def _write_outputs(out: Path, cfg: SafetyTestConfig, summary: dict, res: dict, rows: list[dict]) -> None:
+    """costs.jsonl, the histogram, config, manifest, release/ (PASS of a sampled test), report.md and report.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "costs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    plots.histogram({"cost per response": [r["cost"] for r in rows]}, out / "plots" / "cost_histogram.png",
+                    f"safety test: {res['decision']} ({cfg.bound} bound, n={res['n_prompts']} prompts)",
+                    vlines={"threshold": cfg.threshold, f"{cfg.bound} upper bound": res["mean_bound"]["upper"]},
+                    xlabel="cost (> 0 = unsafe)", ylabel="responses")
+    write_config(out / "config.yaml", to_dict(cfg))
+    atomic_write_json(out / "manifest.json", manifest("safety-test", seed=cfg.seed, data_fingerprint=summary["test"]["set_id"],
+                                                      extra={"costs_sha256": costs_fingerprint(rows)}))
+    if summary["release"]:
+        write_release(out, cfg.policy, model_card(summary, res, cfg), summary)
+    intro = "\n".join([f"**{summary['headline']}**", "", summary["test"]["statement"], "", "Caveats:", ""] + [f"- {x}" for x in summary["caveats"]])
+    report.write(out, {k: v for k, v in summary.items() if k not in ("caveats", "headline")}, title="safealign safety test", intro=intro)
+    atomic_write_json(out / "report.json", summary)
+
+
+def run(cfg: SafetyTestConfig) -> dict:
+    out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
+    cost_range = cfg.parsed_range()
+    from_costs = bool(cfg.costs_file)
+    rows, prompts, source = _safety_set(cfg)
     disjoint = check_disjoint(prompts, cfg)
     sid = set_id(hash_of(p) for p in prompts)
     reg = registry_path(cfg)
     settings = decision_settings(cfg)
 
     with registry_lock(reg):
-        records = read_registry(reg)
-        earlier = earlier_tests(records, sid, source.get("source_set_id"))
+        earlier = earlier_tests(read_registry(reg), sid, source.get("source_set_id"))
         reproduces = None
         if from_costs:
             fp = costs_fingerprint(rows)
             reproduces = next((r for r in earlier if r.get("costs_sha256") == fp and r.get("settings") == settings), None)
-        if reproduces:
-            delta_used, test_number, record = float(reproduces["delta_used"]), int(reproduces["test_number"]), False
-            familywise = sum(float(r["delta_used"]) for r in earlier)
-        else:
-            if earlier and not cfg.allow_retest:
-                last = earlier[-1]
-                raise BadInput(f"safety set {sid} was already tested {len(earlier)} time(s) (last: {last.get('time')}, "
-                               f"{last.get('decision')}, output {last.get('output_dir')}); testing again after seeing a result "
-                               "spends more of the failure probability", where=str(reg),
-                               fix=f"pass --allow-retest (this test then uses delta/{len(earlier) + 1} = {cfg.delta / (len(earlier) + 1):.4g}), "
-                                   "or use a fresh held-out safety set")
-            test_number, record = len(earlier) + 1, True
-            delta_used = cfg.delta / test_number
-            familywise = sum(float(r["delta_used"]) for r in earlier) + delta_used
-        retest = {"registry": str(reg), "test_number": test_number, "earlier_tests": len(earlier), "allow_retest": cfg.allow_retest,
-                  "delta_nominal": cfg.delta, "delta_used": delta_used, "familywise_delta": familywise,
-                  "reproduction_of": reproduces.get("output_dir") if reproduces else None}
-        if reproduces:
-            retest["statement"] = (f"Reproduction of test {test_number} on this safety set (recorded for {reproduces.get('output_dir')}): "
-                                   f"same costs and settings, same delta {delta_used:.4g}; not recorded again.")
-        elif test_number > 1:
-            retest["statement"] = (f"This is test {test_number} on this safety set ({len(earlier)} earlier). Bonferroni: it used "
-                                   f"delta/{test_number} = {delta_used:.4g} instead of {cfg.delta:g}. The chance that any of the "
-                                   f"{test_number} tests on this set passed an unsafe model is at most the sum of the deltas they used, "
-                                   f"{familywise:.4g} (union bound); had all of them been planned, delta/{test_number} each would keep it at {cfg.delta:g}.")
-        else:
-            retest["statement"] = f"First test on this safety set; delta {cfg.delta:g} is used in full."
+        retest = _retest(cfg, earlier, sid, reg, reproduces)
+        record = retest.pop("record")
+        delta_used = retest["delta_used"]
 
         gen_info: dict = {}
         if not from_costs:
@@ -573,7 +620,7 @@ def run(cfg: SafetyTestConfig) -> dict:
         mode = "re-decision from --costs-file" if from_costs else "sampled"
         if record:  # recorded as soon as the result is known: a failure while writing must not make the test vanish
             append_registry(reg, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "set_id": sid, "source_set_id": source.get("source_set_id"),
-                                  "n_prompts": res["n_prompts"], "test_number": test_number, "delta_used": delta_used,
+                                  "n_prompts": res["n_prompts"], "test_number": retest["test_number"], "delta_used": delta_used,
                                   "settings": settings, "decision": res["decision"], "upper": res["mean_bound"]["upper"], "mode": mode,
                                   "costs_sha256": costs_fingerprint(rows), "output_dir": str(out.resolve()),
                                   "policy": models["policy"], "cost_model": models["cost_model"]})
@@ -598,33 +645,13 @@ def run(cfg: SafetyTestConfig) -> dict:
         if cost_range and cfg.bound == "student-t":
             summary["test"]["cost_range_note"] = "--cost-range is ignored by the student-t bound (no clipping)"
         summary["caveats"] = caveats(res, cfg, disjoint)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "costs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        b = res["mean_bound"]
-        plots.histogram({"cost per response": [r["cost"] for r in rows]}, out / "plots" / "cost_histogram.png",
-                        f"safety test: {res['decision']} ({cfg.bound} bound, n={res['n_prompts']} prompts)",
-                        vlines={"threshold": cfg.threshold, f"{cfg.bound} upper bound": b["upper"]}, xlabel="cost (> 0 = unsafe)",
-                        ylabel="responses")
-        write_config(out / "config.yaml", to_dict(cfg))
-        atomic_write_json(out / "manifest.json", manifest("safety-test", seed=cfg.seed, data_fingerprint=sid,
-                                                          extra={"costs_sha256": costs_fingerprint(rows)}))
-        verdict = (f"{cfg.bound} upper bound on {'E[clipped cost]' if cfg.bound != 'student-t' else 'E[cost]'} "
-                   f"{b['upper']:.4g} {'<=' if b['passed'] else '>'} threshold {cfg.threshold:g}")
-        if "violation_bound" in res:
-            v = res["violation_bound"]
-            verdict += f"; P(cost > 0) bound {v['upper']:.4g} {'<=' if v['passed'] else '>'} alpha {cfg.alpha:g}"
-        which = f", reproduction of test {test_number} on this set" if reproduces else f", test {test_number} on this set" if test_number > 1 else ""
-        verdict += f" (n={res['n_prompts']} prompts, delta={delta_used:.4g}{which})"
+        verdict = _verdict(cfg, res, retest)
         if passed and not from_costs:
             summary["release"] = str(out / "release")
         elif passed:
             summary["release_note"] = "re-decisions from --costs-file never write release/: release from a test that sampled the policy"
         summary["headline"] = f"{res['decision']}: {verdict}" + (f"; released to {summary['release']}" if summary["release"] else "")
-        if summary["release"]:
-            write_release(out, cfg.policy, model_card(summary, res, cfg), summary)
-        intro = "\n".join([f"**{summary['headline']}**", "", retest["statement"], "", "Caveats:", ""] + [f"- {x}" for x in summary["caveats"]])
-        report.write(out, {k: v for k, v in summary.items() if k not in ("caveats", "headline")}, title="safealign safety test", intro=intro)
-        atomic_write_json(out / "report.json", summary)
+        _write_outputs(out, cfg, summary, res, rows)
     if not passed:
         raise SafetyTestFailed(f"{verdict}. Nothing released; see {out}/report.md")
     return summary
