@@ -32,9 +32,9 @@ def collect(seed: int, demo: Path, out: Path, name: str) -> dict:
     summary = json.loads((demo / "summary.json").read_text())
     kept = {k: summary.get(k) for k in KEEP}
     for row in kept["table"]:  # the standard error over prompts of benign helpfulness, from the policy's eval
-        name = ROWS.get(row["policy"])
-        ev = demo / "eval" / str(name) / "report.json"
-        if name and ev.is_file():
+        policy = ROWS.get(row["policy"])
+        ev = demo / "eval" / str(policy) / "report.json"
+        if policy and ev.is_file():
             oracle = json.loads(ev.read_text())["metrics"]["policy"].get("oracle") or {}
             row["helpfulness on benign prompts se"] = oracle.get("helpfulness_mean_benign_prompts_se")
     (out / f"{name}.json").write_text(json.dumps(kept, indent=1) + "\n")
