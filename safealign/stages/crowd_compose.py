@@ -31,7 +31,7 @@ from safealign.runtime import checkpoint as ckpt
 from safealign.runtime import plots, report
 from safealign.runtime.io import atomic_write_json, check_output_dir, staged_model_dir
 from safealign.runtime.metrics import MetricsLog
-from safealign.runtime.seeds import EVAL_STEP_OFFSET
+from safealign.runtime.seeds import EVAL_STEP_OFFSET, seed_sampling
 from safealign.stages.crowd_skills import SKILLS_FILE, sample_skill
 from safealign.stages.trainer import DataOrder, make_optimizer, open_run_dir, resume_point
 
@@ -125,29 +125,11 @@ def run(cfg: CrowdComposeConfig) -> dict:
         start = ckpt.load_checkpoint(acc, last)["step"]
     log.truncate_after(start)
     squash = lambda u: S.squash_to_prior(u, mu, sigma, cfg.squash_scale)  # noqa: E731
-    order, G = DataOrder(len(prompts), cfg.seed), cfg.group_size
+    order = DataOrder(len(prompts), cfg.seed)
     net = acc.unwrap_model(policy)
     for step in range(start, cfg.max_steps):
         idx = order.take(step * cfg.batch_size, cfg.batch_size)
-        batch = [prompts[i] for i in idx for _ in range(G)]                   # groups of G contiguous
-        mean = net(feats[idx]).repeat_interleave(G, dim=0)                    # [B*G, D]
-        torch.manual_seed(S_seed(cfg.seed, step))
-        u = (mean + net.log_std.exp() * torch.randn_like(mean)).detach()      # [B*G, D]
-        answers = sample_skill(lm, zp, tok, batch, squash(u), template, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               seed=cfg.seed, step=step)
-        r, c = rewards(task, batch, answers)
-        adv, _ = ADV.estimate(cfg.estimator, r[:, None], torch.ones(len(batch), 1), group_size=G)
-        logp = S.gaussian_log_prob(u, mean, net.log_std)                      # [B*G]
-        reg = (net(feats[idx]) ** 2).sum(-1).mean()
-        loss = -(adv[:, 0] * logp).mean() + cfg.u_l2 * reg
-        optimizer.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        optimizer.step()
-        with torch.no_grad():
-            zbar = squash(net(feats[idx])).mean(0)
-        row = {"train/task_reward": float(r.mean()), "train/harm_rate": float(c.mean()), "train/loss": float(loss.detach()),
-               "train/u_norm": float(reg.detach().sqrt()), "train/u_std": float(net.log_std.exp().mean().detach())}
-        row.update({f"z/{k}": float(v) for k, v in enumerate(zbar)})
+        row = reinforce_step(net, optimizer, acc, lm, zp, tok, task, [prompts[i] for i in idx], feats[idx], squash, template, cfg, step)
         if (step + 1) % cfg.log_steps == 0 or step + 1 == cfg.max_steps:
             log.log(step + 1, row)
         if cfg.save_steps and (step + 1) % cfg.save_steps == 0 and step + 1 < cfg.max_steps:
@@ -159,13 +141,7 @@ def run(cfg: CrowdComposeConfig) -> dict:
     alone = {a: evaluate_z(lm, zp, tok, task, eval_prompts, torch.tensor(v["z"]), cfg, template) for a, v in sorted(skills["annotators"].items())}
     zmean = z_after.mean(0)
     dist = {a: round(float((zmean - torch.tensor(v["z"])).norm()), 4) for a, v in sorted(skills["annotators"].items())}
-    from safetensors.torch import save_file
-
-    with staged_model_dir(out, tmp_name=".tmp-policy") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / POLICY_WEIGHTS))
-        atomic_write_json(tmp / POLICY_CONFIG, {"format": "safealign-high-level-v1", "bow_dim": BOW_DIM, "z_dim": int(mu.numel()),
-                                                "squash_scale": cfg.squash_scale, "prior": skills["prior"], "skills": cfg.skills,
-                                                "formula": "z = prior.mu + prior.sigma * squash_scale * tanh(mean.weight @ bow(prompt) + mean.bias)"})
+    save_policy(out, net, skills, int(mu.numel()), cfg)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     plots.curves(rows, ["train/task_reward", "train/harm_rate"], out / "plots" / "reward.png", "crowd compose: task reward and oracle harm",
                  ylabel="per answer")
@@ -183,7 +159,41 @@ def run(cfg: CrowdComposeConfig) -> dict:
     return summary
 
 
-def S_seed(seed: int, step: int) -> int:
-    from safealign.runtime.seeds import sample_seed
+def reinforce_step(net, optimizer, acc, lm, zp, tok, task, prompts: list, feats: torch.Tensor, squash, template: str,
+                   cfg: CrowdComposeConfig, step: int) -> dict:
+    """One update of the high-level policy: G sampled z per prompt (contiguous groups), the frozen skill LM
+    answers at each z, the task reward's group baseline (``cfg.estimator``) weighs the Gaussian log-probs,
+    plus ``cfg.u_l2`` x ||mean u||^2. Returns the step's metrics row."""
+    G = cfg.group_size
+    batch = [p for p in prompts for _ in range(G)]
+    mean_u = net(feats)                                                       # [B, D]
+    mean = mean_u.repeat_interleave(G, dim=0)                                 # [B*G, D]
+    seed_sampling(cfg.seed, step, salt=7)
+    u = (mean + net.log_std.exp() * torch.randn_like(mean)).detach()          # [B*G, D]
+    answers = sample_skill(lm, zp, tok, batch, squash(u), template, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           seed=cfg.seed, step=step)
+    r, c = rewards(task, batch, answers)
+    adv, _ = ADV.estimate(cfg.estimator, r[:, None], torch.ones(len(batch), 1), group_size=G)
+    logp = S.gaussian_log_prob(u, mean, net.log_std)                          # [B*G]
+    reg = (mean_u ** 2).sum(-1).mean()
+    loss = -(adv[:, 0] * logp).mean() + cfg.u_l2 * reg
+    optimizer.zero_grad(set_to_none=True)
+    acc.backward(loss)
+    optimizer.step()
+    with torch.no_grad():
+        zbar = squash(net(feats)).mean(0)
+    row = {"train/task_reward": float(r.mean()), "train/harm_rate": float(c.mean()), "train/loss": float(loss.detach()),
+           "train/u_norm": float(reg.detach().sqrt()), "train/u_std": float(net.log_std.exp().mean().detach())}
+    row.update({f"z/{k}": float(v) for k, v in enumerate(zbar)})
+    return row
 
-    return sample_seed(seed, step, salt=7)
+
+def save_policy(out: Path, net, skills: dict, z_dim: int, cfg: CrowdComposeConfig) -> None:
+    """The high-level policy as safetensors + its JSON (formula included), installed atomically."""
+    from safetensors.torch import save_file
+
+    with staged_model_dir(out, tmp_name=".tmp-policy") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp / POLICY_WEIGHTS))
+        atomic_write_json(tmp / POLICY_CONFIG, {"format": "safealign-high-level-v1", "bow_dim": BOW_DIM, "z_dim": z_dim,
+                                                "squash_scale": cfg.squash_scale, "prior": skills["prior"], "skills": cfg.skills,
+                                                "formula": "z = prior.mu + prior.sigma * squash_scale * tanh(mean.weight @ bow(prompt) + mean.bias)"})
