@@ -711,7 +711,7 @@ class DemoConfig:
     rambling_share: float = opt(0.08, "The world's rambling_share (see `safealign data synth --help`); 0 shows what the reward model does without padded answers in its data.")
     drift_share: float = opt(0.08, "The world's drift_share (see `safealign data synth --help`); 0 shows what the reward model does without topic drift in its data.")
     sft_epochs: float = opt(3.0, "SFT epochs over the world's SFT corpus.")
-    score_epochs: float = opt(4.0, "Reward/cost model epochs over the preference pairs (1 leaves the reward model paying for words of another topic: README).")
+    score_epochs: float = opt(4.0, "Reward/cost model epochs over the preference pairs.")
     sft_answers: int = opt(6, "Answers of the SFT policy sampled per training prompt, paired in order and labelled by the world's annotators (`safealign data label`: 3 pairs per prompt with 6), added to the world's preference pairs for the reward and cost models: preference data on the answers of the policy being trained, as RLHF collects it (0: the world's pairs only; even).")
     ppo_steps: int = opt(500, "PPO updates of each RL run (the reward recovers only after lambda relaxes from its first overshoot: README).")
     ppo_batch: int = opt(32, "Prompts per PPO update.")
