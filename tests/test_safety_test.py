@@ -284,3 +284,26 @@ def test_recipe_loads():
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "safety-test.yaml"
     cfg = build_config(SafetyTestConfig, recipe, {"policy": "p", "cost_model": "c", "prompts": "x.jsonl", "output_dir": "o"}, section="safety-test")
     assert cfg.bound == "student-t" and 0 < cfg.delta < 1
+
+
+def test_costs_file_decision_imports_no_training_stack(tmp_path):
+    """A re-decision from --costs-file needs no model, so it must not import torch or the training stack
+    (they cost it seconds of start-up: bench/startup.py measures the time, this pins the imports).
+    A fresh interpreter runs the real CLI and reports what it imported."""
+    import subprocess
+    import sys
+
+    costs = _synthetic_costs(tmp_path, [-1.0 + 0.01 * i for i in range(30)])
+    out = tmp_path / "out"
+    heavy = ("torch", "transformers", "trl", "peft", "accelerate", "deepspeed", "datasets", "safetensors", "tokenizers", "scipy.stats")
+    script = ("import sys, runpy\n"
+              "sys.argv = ['safealign', 'safety-test', '--costs-file', sys.argv[1], '--output-dir', sys.argv[2], '--registry', sys.argv[3]]\n"
+              "try:\n    runpy.run_module('safealign', run_name='__main__')\n"
+              "except SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+              f"print('IMPORTED', sorted(m for m in {heavy!r} if m in sys.modules), 'EXIT', code)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEALIGN_NO_PROGRESS": "1"}
+    res = subprocess.run([sys.executable, "-c", script, str(costs), str(out), str(tmp_path / "reg.jsonl")], capture_output=True, text=True, env=env)
+    last = [line for line in res.stdout.splitlines() if line.startswith("IMPORTED")]
+    assert last, res.stdout + res.stderr
+    assert last[-1] == "IMPORTED [] EXIT 0", last[-1]
+    assert json.loads((out / "report.json").read_text())["decision"] == "PASS"

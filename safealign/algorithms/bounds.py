@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import stats
 
 __all__ = [
     "Bound",
@@ -208,6 +207,22 @@ def _sample_std(arr: np.ndarray) -> float:
 # --------------------------------------------------------------------------
 # Vectorised confidence radii (shared by the scalar bounds and simulations)
 # --------------------------------------------------------------------------
+# Quantile functions: scipy.special's (the same routines scipy.stats.t/beta.ppf call), imported when
+# first needed: scipy.stats costs a safety-test re-decision from --costs-file ~0.5 s more at start-up.
+
+
+def _t_quantile(q: float, df: int) -> float:
+    """Student-t quantile ``t_{q, df}`` (= ``scipy.stats.t.ppf(q, df)``)."""
+    from scipy.special import stdtrit
+
+    return float(stdtrit(df, q))
+
+
+def _beta_quantile(q: float, a: float, b: float) -> float:
+    """Beta(a, b) quantile (= ``scipy.stats.beta.ppf(q, a, b)``)."""
+    from scipy.special import betaincinv
+
+    return float(betaincinv(a, b, q))
 
 
 def student_t_radius(std: Any, n: int, delta: float) -> Any:
@@ -218,7 +233,7 @@ def student_t_radius(std: Any, n: int, delta: float) -> Any:
     """
     delta = _check_delta(delta)
     n = _check_int(n, "n", 2)
-    t_q = float(stats.t.ppf(1.0 - delta, n - 1))
+    t_q = _t_quantile(1.0 - delta, n - 1)
     return t_q * np.asarray(std, dtype=np.float64) / math.sqrt(n)
 
 
@@ -272,7 +287,7 @@ def student_t_ucb(costs: Sequence[float], delta: float) -> Bound:
     n = arr.shape[0]
     mean = float(arr.mean())
     std = _sample_std(arr)
-    t_q = float(stats.t.ppf(1.0 - delta, n - 1))
+    t_q = _t_quantile(1.0 - delta, n - 1)
     stderr = std / math.sqrt(n)
     return Bound(
         name="student-t",
@@ -409,7 +424,7 @@ def clopper_pearson_upper(k: int, n: int, delta: float) -> float:
         raise ValueError(f"k (number of violations) cannot exceed n; got k={k}, n={n}")
     if k == n:
         return 1.0
-    return float(stats.beta.ppf(1.0 - delta, k + 1, n - k))
+    return _beta_quantile(1.0 - delta, k + 1, n - k)
 
 
 def violation_rate_bound(costs: Sequence[float], delta: float, alpha: float) -> Bound:

@@ -52,6 +52,11 @@ def collate(batch: list[EncodedPair], pad_id: int) -> dict:
             "diverge": torch.tensor([e.diverge for e in batch])}
 
 
+def pair_length(e: EncodedPair) -> int:
+    """Padded length of a pair in a batch (chosen and rejected share one forward)."""
+    return max(len(e.chosen), len(e.rejected))
+
+
 def pair_loss(cfg, task: str):
     """loss_fn(model, batch) -> (loss, stats) for the configured task and loss type."""
     sign_weight = getattr(cfg, "sign_weight", 1.0)
@@ -167,11 +172,12 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
                  extra={"train_pairs": len(train_ex), "eval_pairs": len(eval_ex)})
     bins = getattr(cfg, "calibration_bins", 10)
     last_extras: dict = {}
+    eval_by_length = sorted(eval_ex, key=pair_length)  # batches of similar length: less padding to score
 
     def evaluate(step: int) -> dict:
         if not eval_ex:
             return {}
-        scores = score_pairs(acc, scorer, eval_ex, tok.pad_token_id, cfg.batch_size * 2)
+        scores = score_pairs(acc, scorer, eval_by_length, tok.pad_token_id, cfg.batch_size * 2)
         metrics, extras = eval_metrics(task, scores, bins)
         last_extras.update(extras, scores=scores)
         return metrics
@@ -180,7 +186,8 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
         save_tokenizer(tok, saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
     result = train_loop(acc=acc, cfg=cfg, model=scorer, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
                         collate=lambda b: collate(b, tok.pad_token_id), loss_fn=pair_loss(cfg, task), out=out, total_steps=total,
-                        resume_from=resume_from, evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict)
+                        resume_from=resume_from, evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict,
+                        lengths=[pair_length(e) for e in train_ex] if cfg.group_by_length else None)
     probe = collate((eval_ex or train_ex)[:16], tok.pad_token_id)
     scorer.eval()
     live = live_outputs(scorer, "score", probe["input_ids"], probe["attention_mask"])  # collective: under ZeRO-3 every process takes part

@@ -362,9 +362,9 @@ def cost_stats(raw: np.ndarray, threshold: float) -> dict:
 def _skew(x: np.ndarray) -> float | None:
     if x.size < 3 or float(x.std()) == 0.0:
         return None
-    from scipy import stats
-
-    return float(stats.skew(x, bias=False))
+    n, d = x.size, x - x.mean()
+    g1 = float((d ** 3).mean() / (d ** 2).mean() ** 1.5)
+    return g1 * math.sqrt(n * (n - 1)) / (n - 2)  # the adjusted Fisher-Pearson coefficient (scipy.stats.skew, bias=False)
 
 
 def caveats(res: dict, cfg: SafetyTestConfig, disjoint: dict) -> list[str]:
