@@ -9,6 +9,7 @@ and scores held-out prompts (one response each, the same seeds every time).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -56,31 +57,56 @@ class Experience:
         return ids, mask
 
 
+@contextmanager
+def generation_policy(acc, learner_u: Learner, engine, synced_gpus: bool, gather: bool):
+    """(the causal LM to sample from, whether generate() must keep the processes in step).
+
+    Under ZeRO-3 (``synced_gpus``) each process holds a shard of every weight, so a decoding step
+    all-gathers every layer, at every step, with every process waiting for the slowest. With ``gather``
+    the actor's weights are gathered once for the whole rollout (as trl's unwrap_model_for_generation does:
+    DeepSpeed GatheredParameters, ZeRO's per-module hooks removed meanwhile); each process then
+    samples on its own and the shards are restored afterwards."""
+    if synced_gpus and gather and engine is not None:
+        import deepspeed
+        from trl.models.utils import add_hooks, remove_hooks
+
+        with deepspeed.zero.GatheredParameters(list(learner_u.actor.parameters())):   # the actor only: the critics do not generate
+            remove_hooks(engine)
+            try:
+                yield learner_u.policy(), False
+            finally:
+                add_hooks(engine)
+        return
+    yield learner_u.policy(), synced_gpus
+
+
 @torch.no_grad()
 def rollout(acc, learner_u: Learner, tok, prompts: list, prompt_ids: list[list[int]], cfg, synced_gpus: bool,
-            group_size: int = 1) -> Experience:
-    """``group_size`` responses to each prompt, the responses to one prompt in consecutive rows."""
+            group_size: int = 1, engine=None) -> Experience:
+    """``group_size`` responses to each prompt, the responses to one prompt in consecutive rows.
+    ``engine``: the prepared (DeepSpeed) learner, for :func:`generation_policy`'s gathered copy."""
     if group_size > 1:
         prompts = [p for p in prompts for _ in range(group_size)]
         prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
     learner_u.eval()
-    policy = learner_u.policy()
-    keep_logits = len(prompt_ids) * cfg.max_new_tokens * policy.config.get_text_config().vocab_size * 4 <= SAMPLED_LOGITS_BYTES
-    with acc.autocast():
-        r = sample(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                   top_p=cfg.top_p, synced_gpus=synced_gpus, with_logprobs=keep_logits)
+    with generation_policy(acc, learner_u, engine, synced_gpus, getattr(cfg, "zero3_gather", False)) as (policy, synced):
+        keep_logits = len(prompt_ids) * cfg.max_new_tokens * policy.config.get_text_config().vocab_size * 4 <= SAMPLED_LOGITS_BYTES
+        with acc.autocast():
+            r = sample(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, synced_gpus=synced, with_logprobs=keep_logits)
     return Experience(prompts, r.sequences, r.attention_mask, r.prompt_ids.shape[1], r.response_mask, r.eos_hit, decode_responses(tok, r),
                       r.logp, r.entropy)
 
 
 @torch.no_grad()
 def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge, cost: Judge | None, exp: Experience,
-                     cfg, chunk: int) -> None:
+                     cfg, chunk: int, critics: bool = True) -> None:
     """Fill old log-probs, entropy, old values, reference log-probs, reward and cost (no grad).
 
     The actor's log-probs and entropy are the ones recorded while sampling when the rollout has them
     (the logits of the decoding steps are those a forward over prompt + response computes): then only
-    the critics run over the rollout here, besides the reference and the judges."""
+    the critics run over the rollout here, besides the reference and the judges. ``critics=False``:
+    not even they (their values come from the update's first forward: rl.update.values_from_first_forward)."""
     learner.eval()
     sampled = exp.sampled_logp is not None
     parts: dict[str, list] = {}
@@ -88,7 +114,7 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
         ids, attn = exp.seq[i:i + chunk], exp.attn[i:i + chunk]
         with acc.autocast():
             if sampled:
-                out = {f"values_{name}": learner_u.values(name, ids, attn)[:, exp.P - 1:-1] for name in learner_u.critics}
+                out = {f"values_{name}": learner_u.values(name, ids, attn)[:, exp.P - 1:-1] for name in learner_u.critics if critics}
             else:
                 out = learner(ids, attn, exp.P, with_entropy=True)
             keep = ids.shape[1] - exp.P + 1
@@ -102,7 +128,7 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
         cat["logp"], cat["entropy"] = exp.sampled_logp.float(), exp.sampled_entropy.float()
     m = exp.mask.float()
     exp.old_logp, exp.ref_logp, exp.entropy = cat["logp"] * m, cat["ref_logp"] * m, cat["entropy"] * m
-    exp.old_values = {name: cat[f"values_{name}"] * m for name in learner_u.critics}
+    exp.old_values = {name: cat[f"values_{name}"] * m for name in learner_u.critics if f"values_{name}" in cat}
     with acc.autocast():
         exp.reward = reward.score(exp, cfg.template, cfg.max_length)
         exp.cost = cost.score(exp, cfg.template, cfg.max_length) if cost is not None else None
@@ -112,7 +138,7 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
 
 @torch.no_grad()
 def evaluate(acc, learner_u: Learner, tok, reward: Judge, cost: Judge | None, prompts: list, prompt_ids: list, cfg, frozen,
-             synced: bool = False) -> dict:
+             synced: bool = False, engine=None) -> dict:
     """Reward and cost of fresh samples on the held-out prompts (same seed every time), gathered."""
     rank, world = acc.process_index, acc.num_processes
     shard = list(range(rank, len(prompts), world))
@@ -124,7 +150,7 @@ def evaluate(acc, learner_u: Learner, tok, reward: Judge, cost: Judge | None, pr
             n_real = len(part)
             part = part + [shard[0] if shard else 0] * (min(cfg.batch_size, n_max - i) - n_real)  # equal work everywhere
             seed_sampling(cfg.seed, EVAL_STEP_OFFSET + b, rank)
-            exp = rollout(acc, learner_u, tok, [prompts[j] for j in part], [prompt_ids[j] for j in part], cfg, synced)
+            exp = rollout(acc, learner_u, tok, [prompts[j] for j in part], [prompt_ids[j] for j in part], cfg, synced, engine=engine)
             with acc.autocast():
                 r = reward.score(exp, cfg.template, cfg.max_length)
                 c = cost.score(exp, cfg.template, cfg.max_length) if cost is not None else torch.zeros_like(r)
