@@ -201,7 +201,7 @@ def trl_grpo_worker(paths: dict, a) -> dict:
             times.append(time.perf_counter() - clock["t"])
 
         def on_log(self, args, state, control, logs=None, **kw):
-            jc = next((v for k, v in (logs or {}).items() if k.startswith("rewards/") and k.endswith("/mean") and "1" in k.split("/")[1][-1:]), None)
+            jc = (logs or {}).get(f"rewards/{Path(paths['cm']).name}/mean")      # trl names a model's reward by its path's last part
             if jc is not None:
                 self.lam = max(0.0, self.lam + 0.1 * jc)
                 trainer.reward_weights = torch.tensor([1.0, -self.lam])

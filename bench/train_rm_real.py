@@ -13,8 +13,9 @@ the 512 eval pairs whose chosen (less harmful) response scores higher, on all 51
 (trl's max_length filter drops over-long pairs from its own eval set; we score every eval pair with
 the trained trl model ourselves, truncated as safealign truncates, so the accuracies are comparable).
 
-- safealign: `safealign train-rm` (length-grouped batching on: --group-by-length, the default);
-  over-long pairs are truncated (prompt from the left first), never dropped.
+- safealign: `safealign train-rm` as it runs by default: length-grouped batches (--group-by-length)
+  and the shared start of chosen and rejected (the dialogue) run once per pair (TokenScorer's prefix
+  forward); over-long pairs are truncated (prompt from the left first), never dropped.
 - safealign no-grouping: the same with --no-group-by-length (what grouping buys).
 - trl defaults: `RewardConfig` defaults (bf16=True, gradient_checkpointing=True), use_cpu=True.
 - trl tuned: bf16=False, gradient_checkpointing=False (feasibility.md §2a: 2-3x faster on CPU).
@@ -165,17 +166,20 @@ def main() -> None:
             raise SystemExit(f"{kind} failed")
         rows.append(json.loads(line[-1][len("RESULT "):]))
         print(rows[-1], flush=True)
-    by = {r["kind"]: r for r in rows}
     L = sorted(info["lengths"])
+    for r in rows:   # the stage's report counts train and eval pairs together: the table counts the train pairs
+        if r["kind"].startswith("safealign"):
+            r["truncated"] = sum(x > MAX_LEN for x in L)
+    by = {r["kind"]: r for r in rows}
     q = lambda f: L[min(len(L) - 1, int(f * len(L)))]
     lines = ["# train-rm on real data: safealign vs trl RewardTrainer (hh-rlhf harmless-base)", "",
-             f"Command: `flock /tmp/safealign-cpu.lock .venv/bin/python bench/train_rm_real.py {' '.join(sys.argv[1:])}`".rstrip() + "`"[:0], "",
+             f"Command: `flock /tmp/safealign-cpu.lock .venv/bin/python bench/train_rm_real.py {' '.join(sys.argv[1:])}`", "",
              f"Data: `../shared/data/hh-rlhf/harmless-base/test.jsonl.gz`, first {N_TRAIN} pairs train ({info['train_pairs']} after parsing), "
              f"the other {info['eval_pairs']} evaluate. Tiny Llama seq-cls (hidden 64, 2 layers) from one saved base, tokenizer trained on the train "
              f"texts; tokens per pair (longer side, + EOS): median {q(0.5)}, p90 {q(0.9)}, max {L[-1]}; {sum(x > MAX_LEN for x in L)} train pairs "
              f"over max_length {MAX_LEN}. Batch {BATCH} pairs, lr {LR:g}, {a.epochs:g} epochs, 2 CPU threads, each configuration in its own process; "
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. Timing: the training loop only.", "",
-             "| configuration | pairs/s | training s | steps | pairs trained | dropped | truncated | held-out accuracy | peak RSS (MB) |",
+             "| configuration | pairs/s | training s | steps | train pairs used | dropped | truncated | held-out accuracy | peak RSS (MB) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['kind']} | {r['pairs_per_second']:.0f} | {r['seconds']:.1f} | {r['steps']} | {r['trained_pairs']} | {r['dropped']} | {r['truncated']} | "
               f"{r['accuracy']:.3f} | {r['peak_rss_mb']:.0f} |" for r in rows]
@@ -183,6 +187,9 @@ def main() -> None:
         s = by["safealign"]
         lines += ["", "Ratios (safealign pairs/s over the other's, same run): " + ", ".join(
             f"{k} {s['pairs_per_second'] / r['pairs_per_second']:.2f}x" for k, r in by.items() if k != "safealign") + "."]
+    n_eval = info["eval_pairs"]
+    lines += ["", f"Held-out accuracy on {n_eval} pairs has a 95% binomial half-width of about "
+              f"{1.96 * (0.25 / n_eval) ** 0.5:.3f}: differences between the rows below that are noise, not a ranking."]
     lines += ["", "Accuracy is on all eval pairs for every row (trl models scored by this script with safealign's encoding, max_length "
               f"{MAX_LEN}, over-long pairs truncated). trl's `max_length` filter drops a pair from training when either side is longer; "
               "safealign truncates it (the report's truncated_pairs) and trains on it."]
