@@ -59,3 +59,18 @@ def test_data_order_groups_every_epoch_and_is_deterministic(n):
     again = DataOrder(n, 7, lengths=lengths.tolist(), batch=batch)
     assert again.take(n + 5, 40) == grouped.take(n + 5, 40)
     assert DataOrder(n, 8, lengths=lengths.tolist(), batch=batch).take(0, 40) != grouped.take(0, 40)
+
+
+def test_two_dimensional_lengths_group_both():
+    # (prefix, continuation): sorted by the continuation, then runs of `sub` batches by the prefix
+    rng = np.random.default_rng(5)
+    n, batch = 1024, 16
+    lengths = np.stack([rng.integers(1, 400, n), rng.integers(1, 200, n)], axis=1)
+    out = group_by_length(rng.permutation(n), lengths, batch=batch, window=64, rng=np.random.default_rng(0))
+    assert sorted(out.tolist()) == list(range(n))
+    cost = lambda order: sum(lengths[b, 0].max() + 2 * lengths[b, 1].max() for b in order.reshape(-1, batch))  # noqa: E731
+    one_d = group_by_length(rng.permutation(n), lengths[:, 0] + 2 * lengths[:, 1], batch=batch, window=64, rng=np.random.default_rng(0))
+    real = (lengths[:, 0] + 2 * lengths[:, 1]).sum() / batch
+    assert cost(out) < 0.85 * cost(one_d) and cost(out) < 1.3 * real
+    order = DataOrder(n, 1, lengths=lengths.tolist(), batch=batch)
+    assert sorted(order.take(0, n)) == list(range(n)) and order.take(n, 32) == DataOrder(n, 1, lengths=lengths.tolist(), batch=batch).take(n, 32)

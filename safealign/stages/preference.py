@@ -82,6 +82,14 @@ def train_collate(cfg, pad_id: int):
     return fn
 
 
+def batch_lengths(cfg, examples: list[EncodedPair]) -> list:
+    """What a pair adds to its batch's padded size, for length grouping: (shared prefix, longer
+    continuation) in the shared-prefix form of :func:`train_collate`, else the longer side."""
+    if cfg.loss_type == "sequence" and not cfg.gradient_checkpointing:
+        return [(e.diverge, pair_length(e) - e.diverge) if e.diverge >= 1 else (0, pair_length(e)) for e in examples]
+    return [pair_length(e) for e in examples]
+
+
 def pair_length(e: EncodedPair) -> int:
     """Padded length of a pair in a batch (chosen and rejected share one forward)."""
     return max(len(e.chosen), len(e.rejected))
@@ -218,7 +226,7 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
     result = train_loop(acc=acc, cfg=cfg, model=scorer, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
                         collate=train_collate(cfg, tok.pad_token_id), loss_fn=pair_loss(cfg, task), out=out, total_steps=total,
                         resume_from=resume_from, evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict,
-                        lengths=[pair_length(e) for e in train_ex] if cfg.group_by_length else None)
+                        lengths=batch_lengths(cfg, train_ex) if cfg.group_by_length else None)
     probe = collate((eval_ex or train_ex)[:16], tok.pad_token_id)
     scorer.eval()
     live = live_outputs(scorer, "score", probe["input_ids"], probe["attention_mask"])  # collective: under ZeRO-3 every process takes part

@@ -166,12 +166,12 @@ def strip_prefix(state: dict, prefix: str) -> dict:
 class DataOrder:
     """Example indices as a pure function of (seed, position): epoch e is a seeded permutation.
 
-    With ``lengths`` (one per example) and ``batch`` > 1 the permutation is length-grouped
+    With ``lengths`` (one per example: an int, or a pair of padded lengths) and ``batch`` > 1 the permutation is length-grouped
     (:func:`group_by_length`): every run of ``batch`` consecutive positions that a micro-batch takes
     holds examples of similar length, so little of it is padding. Still a pure function of (seed,
     position), so ``--resume`` sees the batches it would have seen."""
 
-    def __init__(self, n: int, seed: int, lengths: list[int] | None = None, batch: int = 1, window: int = 64):
+    def __init__(self, n: int, seed: int, lengths: list | None = None, batch: int = 1, window: int = 64):
         self.n, self.seed, self._cache = n, seed, {}
         self.lengths = None if lengths is None or batch <= 1 else np.asarray(lengths)
         self.batch, self.window = batch, window
@@ -192,15 +192,28 @@ class DataOrder:
         return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + count)]
 
 
-def group_by_length(perm: np.ndarray, lengths: np.ndarray, batch: int, window: int, rng: np.random.Generator, head: int = 0) -> np.ndarray:
+def group_by_length(perm: np.ndarray, lengths: np.ndarray, batch: int, window: int, rng: np.random.Generator, head: int = 0,
+                    sub: int = 8) -> np.ndarray:
     """A length-grouped version of the shuffled indices ``perm``: the first ``head`` stay where they are
     (they finish a batch begun before), the rest are cut into windows of ``window * batch`` indices, each
     window sorted by length (longest first), cut into batches of ``batch``, and the batches shuffled
-    (``rng``). Every index appears once; only which indices share a batch, and the batch order, change."""
+    (``rng``). Every index appears once; only which indices share a batch, and the batch order, change.
+
+    ``lengths`` [n, 2] (two padded dimensions, e.g. a shared prefix and the continuations after it, a
+    batch costing max(first) + k * max(second)): each window is sorted by the second column, cut into
+    runs of ``sub`` batches, and each run sorted by the first column, so a batch is homogeneous in both."""
     head = min(head, len(perm))
     rest = perm[head:]
     span = window * batch
-    ordered = np.concatenate([c[np.argsort(-lengths[c], kind="stable")] for c in np.split(rest, range(span, len(rest), span))]) if len(rest) else rest
+
+    def order(c: np.ndarray) -> np.ndarray:
+        if lengths.ndim == 1:
+            return c[np.argsort(-lengths[c], kind="stable")]
+        c = c[np.argsort(-lengths[c, 1], kind="stable")]
+        runs = np.split(c, range(sub * batch, len(c), sub * batch))
+        return np.concatenate([r[np.argsort(-lengths[r, 0], kind="stable")] for r in runs])
+
+    ordered = np.concatenate([order(c) for c in np.split(rest, range(span, len(rest), span))]) if len(rest) else rest
     full = len(ordered) // batch * batch
     blocks = ordered[:full].reshape(-1, batch)[rng.permutation(full // batch)] if full else ordered[:0].reshape(0, batch)
     return np.concatenate([perm[:head], blocks.reshape(-1), ordered[full:]])
