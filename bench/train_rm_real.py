@@ -189,7 +189,7 @@ def main() -> None:
             f"{k} {s['pairs_per_second'] / r['pairs_per_second']:.2f}x" for k, r in by.items() if k != "safealign") + "."]
     n_eval = info["eval_pairs"]
     lines += ["", f"Held-out accuracy on {n_eval} pairs has a 95% binomial half-width of about "
-              f"{1.96 * (0.25 / n_eval) ** 0.5:.3f}: differences between the rows below that are noise, not a ranking."]
+              f"{1.96 * (0.25 / n_eval) ** 0.5:.3f}: accuracy differences of that size between the rows above are noise, not a ranking."]
     lines += ["", "Accuracy is on all eval pairs for every row (trl models scored by this script with safealign's encoding, max_length "
               f"{MAX_LEN}, over-long pairs truncated). trl's `max_length` filter drops a pair from training when either side is longer; "
               "safealign truncates it (the report's truncated_pairs) and trains on it."]

@@ -52,9 +52,7 @@ Formulas (all approximations of what DeepSpeed/transformers allocate; 1 GiB = 2*
   their activations add up. A rollout needs the KV cache 2*L*kv*d*(prompt+new)*batch*e (or the
   logits of a no-grad scoring pass, if larger) instead of training activations; the peak is the
   larger of the two phases. The rollout also keeps the fp32 logits of every decoding step when
-  they fit in 512 MiB (the sampled tokens' log-probs then need no forward pass), and under ZeRO-3
-  with zero3_gather (the default) it samples from an unsharded copy of the actor (gathered once per
-  rollout), which the ZeRO-3 rows add to the rollout phase.
+  they fit in 512 MiB (the sampled tokens' log-probs then need no forward pass).
 * A setting fits when its peak is at most gpu_mem x (1 - margin) (default margin 15%: CUDA
   context, NCCL/ZeRO buckets, fragmentation, which are not modelled).
 
@@ -452,7 +450,6 @@ def read_stage(cfg) -> Stage:
         st.group_size = sc.responses_per_prompt()
         st.reward_model, st.cost_model = sc.reward_model, sc.cost_model
         st.reward_critic, st.cost_critic = sc.reward_critic, sc.cost_critic
-        st.zero3_gather = sc.zero3_gather
         div = sc.minibatches * sc.grad_accum
         st.micro_batch = max(1, batch * st.group_size // div)
         if cfg.seq_len is None and sc.max_length < sc.max_new_tokens + 8:

@@ -9,7 +9,6 @@ and scores held-out prompts (one response each, the same seeds every time).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -57,43 +56,20 @@ class Experience:
         return ids, mask
 
 
-@contextmanager
-def generation_policy(acc, learner_u: Learner, engine, synced_gpus: bool, gather: bool):
-    """(the causal LM to sample from, whether generate() must keep the processes in step).
-
-    Under ZeRO-3 (``synced_gpus``) each process holds a shard of every weight, so a decoding step
-    all-gathers every layer, at every step, with every process waiting for the slowest. With ``gather``
-    the actor's weights are gathered once for the whole rollout (as trl's unwrap_model_for_generation does:
-    DeepSpeed GatheredParameters, ZeRO's per-module hooks removed meanwhile); each process then
-    samples on its own and the shards are restored afterwards."""
-    if synced_gpus and gather and engine is not None:
-        import deepspeed
-        from trl.models.utils import add_hooks, remove_hooks
-
-        with deepspeed.zero.GatheredParameters(list(learner_u.actor.parameters())):   # the actor only: the critics do not generate
-            remove_hooks(engine)
-            try:
-                yield learner_u.policy(), False
-            finally:
-                add_hooks(engine)
-        return
-    yield learner_u.policy(), synced_gpus
-
-
 @torch.no_grad()
 def rollout(acc, learner_u: Learner, tok, prompts: list, prompt_ids: list[list[int]], cfg, synced_gpus: bool,
             group_size: int = 1, engine=None) -> Experience:
     """``group_size`` responses to each prompt, the responses to one prompt in consecutive rows.
-    ``engine``: the prepared (DeepSpeed) learner, for :func:`generation_policy`'s gathered copy."""
+    ``engine`` (the prepared learner) is not used yet: a ZeRO-3 rollout from a gathered actor is future work."""
     if group_size > 1:
         prompts = [p for p in prompts for _ in range(group_size)]
         prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
     learner_u.eval()
-    with generation_policy(acc, learner_u, engine, synced_gpus, getattr(cfg, "zero3_gather", False)) as (policy, synced):
-        keep_logits = len(prompt_ids) * cfg.max_new_tokens * policy.config.get_text_config().vocab_size * 4 <= SAMPLED_LOGITS_BYTES
-        with acc.autocast():
-            r = sample(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, synced_gpus=synced, with_logprobs=keep_logits)
+    policy = learner_u.policy()
+    keep_logits = len(prompt_ids) * cfg.max_new_tokens * policy.config.get_text_config().vocab_size * 4 <= SAMPLED_LOGITS_BYTES
+    with acc.autocast():
+        r = sample(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                   top_p=cfg.top_p, synced_gpus=synced_gpus, with_logprobs=keep_logits)
     return Experience(prompts, r.sequences, r.attention_mask, r.prompt_ids.shape[1], r.response_mask, r.eos_hit, decode_responses(tok, r),
                       r.logp, r.entropy)
 
