@@ -337,7 +337,9 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
     together (:class:`DataOrder`)."""
     world, rank = acc.num_processes, acc.process_index
     log = MetricsLog(out / "metrics.jsonl", acc)
-    order = DataOrder(len(examples), cfg.seed, lengths=lengths, batch=cfg.batch_size)
+    # grouped per global micro-step (every process's micro-batch together): N processes then train on the
+    # batches one process with N x batch_size would
+    order = DataOrder(len(examples), cfg.seed, lengths=lengths, batch=cfg.batch_size * acc.num_processes)
     start, resumed_from = 0, None
     if resume_from is not None:
         state = ckpt.load_checkpoint(acc, resume_from)
