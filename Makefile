@@ -34,11 +34,15 @@ demo: $(INSTALLED)
 demo-check: $(INSTALLED)
 	$(BIN)/python -m pytest -m slow_demo
 
+# the CPU benchmarks (about 25 min on 2 cores); each writes bench/results/*.md. On a shared machine run it
+# under the lock: flock /tmp/safealign-cpu.lock make bench. The GPU check is separate: bench/gpu_check.sh.
 bench: $(INSTALLED)
-	$(BIN)/python bench/train_rm_speed.py
-	$(BIN)/python bench/bound_validation.py --reps 2000 --out bench/results/bound_validation.md
-	$(BIN)/python bench/ppo_speed.py --out bench/results/ppo_speed.md
 	$(BIN)/python bench/startup.py --out bench/results/startup.md
+	$(BIN)/python bench/train_rm_speed.py
+	$(BIN)/python bench/train_rm_real.py --epochs 2 --out bench/results/train_rm_real.md
+	$(BIN)/python bench/ppo_vs_peers.py --sizes tiny,20m --steps 5 --grpo --out bench/results/ppo_vs_peers.md
+	$(BIN)/python bench/ppo_speed.py --out bench/results/ppo_speed.md
+	$(BIN)/python bench/bound_validation.py --reps 2000 --out bench/results/bound_validation.md
 
 clean:
-	rm -rf demo-out runs .pytest_cache
+	rm -rf demo-out runs .pytest_cache .bench

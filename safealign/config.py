@@ -141,6 +141,7 @@ class TrainOptions(HubOptions):
 class PreferenceConfig(DataOptions, TrainOptions):
     loss_type: str = opt("sequence", "Loss granularity: sequence (end scores) or token (every token from the first differing token to EOS, as in Safe RLHF).", choices=("sequence", "token"))
     regularization: float = opt(0.001, "L2 penalty on the scores (keeps their scale bounded).")
+    group_by_length: bool = opt(True, "Batch pairs of similar length together (each epoch still a seeded shuffle: pairs are sorted by length within windows of 64 batches, and the batches shuffled), so that little of a batch is padding. Same pairs and steps, fewer padded tokens.", panel="Training")
 
     def validate(self) -> None:
         _validate_common(self)

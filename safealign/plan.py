@@ -51,7 +51,8 @@ Formulas (all approximations of what DeepSpeed/transformers allocate; 1 GiB = 2*
 * ppo-lag: the actor and the critics are one module with one backward (safealign's Learner), so
   their activations add up. A rollout needs the KV cache 2*L*kv*d*(prompt+new)*batch*e (or the
   logits of a no-grad scoring pass, if larger) instead of training activations; the peak is the
-  larger of the two phases.
+  larger of the two phases. The rollout also keeps the fp32 logits of every decoding step when
+  they fit in 512 MiB (the sampled tokens' log-probs then need no forward pass).
 * A setting fits when its peak is at most gpu_mem x (1 - margin) (default margin 15%: CUDA
   context, NCCL/ZeRO buckets, fragmentation, which are not modelled).
 
@@ -383,6 +384,7 @@ class Stage:
     seq: int
     new_tokens: int = 0       # ppo-lag: max_new_tokens
     group_size: int = 1       # ppo-lag: responses per prompt (G of the grpo algorithms)
+    zero3_gather: bool = False  # ppo-lag: ZeRO-3 rollouts sample from a gathered copy of the learner
     lora_r: int = 0
     lora_targets: str = "all-linear"
     checkpointing: bool = False
@@ -550,9 +552,21 @@ def _rollout_bytes(st: Stage, dims: Dims, dtype: str) -> int:
     if st.stage != "ppo-lag":
         return 0
     e = 2 if dtype == "bf16" else 4
-    kv = kv_cache_bytes(dims, batch=st.batch_size * st.group_size, positions=st.seq, dtype=dtype)
+    from safealign.rl.experience import SAMPLED_LOGITS_BYTES
+
+    responses = st.batch_size * st.group_size
+    kv = kv_cache_bytes(dims, batch=responses, positions=st.seq, dtype=dtype)
+    sampled = responses * st.new_tokens * dims.vocab * 4                # fp32 logits generate() keeps for the sampled log-probs
     scoring = st.batch_size * (st.new_tokens + 1) * dims.vocab * e     # logits of a no-grad log-prob pass
-    return max(kv, scoring)
+    return max(kv + (sampled if sampled <= SAMPLED_LOGITS_BYTES else 0), scoring)
+
+
+def gathered_learner_bytes(st: Stage, roles: list, dtype: str) -> int:
+    """ZeRO-3 with zero3_gather: the unsharded copy of the actor (with LoRA: the policy base and its
+    adapters) that a rollout samples from, on every device, on top of its shard."""
+    if st.stage != "ppo-lag" or not st.zero3_gather:
+        return 0
+    return roles[0].params * (2 if dtype == "bf16" else 4)
 
 
 def evaluate(st: Stage, dims: Dims, *, devices: int, dtype: str, attention: str, lora_r: int,
@@ -567,15 +581,18 @@ def evaluate(st: Stage, dims: Dims, *, devices: int, dtype: str, attention: str,
         trained = [r.act[ck] for r in roles if r.act]
         saved = sum(a["saved"] for a in trained)
         act[ck] = saved + max((a["peak"] - a["saved"] for a in trained), default=0)
-    rollout = _rollout_bytes(st, dims, dtype)
+    rollout_base = _rollout_bytes(st, dims, dtype)
+    gathered = gathered_learner_bytes(st, roles, dtype)
     e = 2 if dtype == "bf16" else 4
     rows = []
     for zero, off in settings():
+        rollout = rollout_base + (gathered if zero == 3 else 0)
         s = state_bytes(trainable, frozen, zero=zero, offload=off, devices=devices, dtype=dtype)
         live = min(max(largest_module, ZERO3_LIVE_PARAMS), max(r.params for r in roles)) * e if zero == 3 else 0
         static = s["weights"] + s["grads"] + s["optimizer"] + live
         rows.append({"zero": zero, "offload": off, "lora_r": lora_r, **{k: s[k] for k in ("weights", "grads", "optimizer")},
                      "zero3_live": live, "activations_nockpt": act["nockpt"], "activations_ckpt": act["ckpt"], "rollout": rollout,
+                     "rollout_gathered_learner": gathered if zero == 3 else 0,
                      "peak_nockpt": static + max(act["nockpt"], rollout), "peak_ckpt": static + max(act["ckpt"], rollout),
                      "cpu_per_process": s["cpu"]})
     return {"roles": roles, "rows": rows, "trainable": trainable, "frozen": frozen}

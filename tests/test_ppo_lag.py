@@ -193,7 +193,9 @@ def test_lora_mode_end_to_end(cli, mw, tmp_path, ckpt):
         for key in ("train/policy_loss", "train/reward_critic_loss", "train/cost_critic_loss", "kl"):
             assert [r[key] for r in train_rows(out)] == pytest.approx([r[key] for r in train_rows(ref)], abs=1e-4), key
     rows = train_rows(out)
-    assert rows[0]["kl"] == 0.0, "reference = base with adapters disabled, and LoRA starts as the identity"
+    # the actor's log-probs come from the decoding steps (KV cache), the reference's from a full forward:
+    # equal up to float rounding (a wrong reference would give a KL of order 0.1)
+    assert abs(rows[0]["kl"]) < 1e-5, "reference = base with adapters disabled, and LoRA starts as the identity"
     assert rows[-1]["kl"] != 0.0, "the actor adapter trained"
     assert json.loads((out / "report.json").read_text())["reload_check"]["ok"]
     ids = torch.tensor([mw["tok"]("BEGINNING OF CONVERSATION: USER: how do i cook rice ASSISTANT: friend stuff")["input_ids"]])
@@ -499,7 +501,44 @@ def test_grpo_lag_lora_and_kl_in_reward(cli, mw, tmp_path):
     out = tmp_path / "grpo-lora"
     assert cli(*grpo_args(mw, out, "--max-steps", "2", "--lora-r", "4", "--lr", "5e-3", "--kl-in", "reward")) == 0
     rows = train_rows(out)
-    assert rows[0]["kl"] == 0.0 and "train/kl_loss" not in rows[-1]
+    assert abs(rows[0]["kl"]) < 1e-5 and "train/kl_loss" not in rows[-1]   # sampled vs forward log-probs: float rounding
     assert rows[-1]["reward_with_kl"] != rows[-1]["reward"], "the KL sits in the reward stream"
     report = json.loads((out / "report.json").read_text())
     assert report["reload_check"]["ok"] and report["algorithm_spec"]["kl_estimator"] == "k1"
+
+
+def test_score_phase_shortcuts_change_no_number(cli, mw, tmp_path, monkeypatch):
+    """The score phase's shortcuts (the actor's log-probs and entropy recorded while sampling; the
+    critics' rollout values taken from the update's first forward, one minibatch) must give the
+    numbers the full score phase gives: same rewards, lambda, KL, values, losses, step for step."""
+    import safealign.rl.experience as E
+    import safealign.stages.ppo_lag as S
+
+    seen = []
+    real = S.score_experience
+
+    def spy(*args, **kw):
+        seen.append((kw.get("critics", True), args[6].sampled_logp is not None))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(S, "score_experience", spy)
+
+    def args(out):
+        a = base_args(mw, out, "--max-steps", "3", "--seed", "3")
+        a[a.index("--minibatches") + 1] = "1"
+        return a
+
+    assert cli(*args(tmp_path / "fast")) == 0
+    assert seen and all(s == (False, True) for s in seen), seen              # both shortcuts taken
+    monkeypatch.setattr(E, "SAMPLED_LOGITS_BYTES", 0)
+    monkeypatch.setattr(S, "values_from_first_forward", lambda cfg, critics: False)
+    seen.clear()
+    assert cli(*args(tmp_path / "full")) == 0
+    assert seen and all(s == (True, False) for s in seen), seen              # neither
+    fast, full = train_rows(tmp_path / "fast"), train_rows(tmp_path / "full")
+    assert len(fast) == len(full) == 3
+    keys = ("reward", "cost", "lambda", "kl", "entropy", "reward_value_mean", "cost_value_mean", "advantage_mean",
+            "train/policy_loss", "train/reward_critic_loss", "train/cost_critic_loss")
+    for a, b in zip(fast, full):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), (k, a[k], b[k])

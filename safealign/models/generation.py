@@ -22,6 +22,8 @@ class Rollout:
     response_ids: torch.Tensor     # [B, T] right-padded with pad_token_id after the first EOS
     response_mask: torch.Tensor    # [B, T] 1 on generated tokens up to and including the first EOS
     eos_hit: torch.Tensor          # [B] bool: the response ended with EOS
+    logp: torch.Tensor | None = None       # [B, T] log-prob of each sampled token under the sampling model's raw logits (with_logprobs)
+    entropy: torch.Tensor | None = None    # [B, T] entropy of those logits (with_logprobs)
 
     @property
     def sequences(self) -> torch.Tensor:          # [B, P + T]
@@ -70,21 +72,34 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_id: int) -> tuple[tor
 
 @torch.no_grad()
 def sample(model, tok, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, synced_gpus: bool = False) -> Rollout:
-    """Sample one response per prompt (seed the global torch RNG beforehand for reproducibility)."""
+           top_p: float = 1.0, synced_gpus: bool = False, with_logprobs: bool = False) -> Rollout:
+    """Sample one response per prompt (seed the global torch RNG beforehand for reproducibility).
+
+    ``with_logprobs``: also the log-prob and entropy of every sampled token under the model's raw
+    logits (before temperature and top-p), from the decoding steps themselves: what a forward pass
+    of the model over prompt + response would give (up to float rounding), without that pass."""
     device = next(model.parameters()).device
     ids, mask = pad(prompt_ids, tok.pad_token_id, side="left")
     ids, mask = ids.to(device), mask.to(device)
     greedy = temperature <= 0
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
                          temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None if greedy else 0,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, synced_gpus=synced_gpus)
-    response = out[:, ids.shape[1]:]
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, synced_gpus=synced_gpus,
+                         output_logits=with_logprobs, return_dict_in_generate=with_logprobs)
+    seqs = out.sequences if with_logprobs else out
+    response = seqs[:, ids.shape[1]:]
+    logp = entropy = None
     if response.shape[1] == 0:
         response = torch.full((ids.shape[0], 1), tok.eos_token_id, device=device)
+    elif with_logprobs:
+        from safealign.algorithms import rl as RL
+
+        logits = torch.stack(out.logits, dim=1)                                 # [B, T, V] raw logits of each decoding step
+        logp, entropy = RL.logprobs_from_logits(logits, response), RL.entropy_from_logits(logits)
+        del logits
     rmask, eos_hit = response_mask_from_ids(response, tok.eos_token_id)
     response = torch.where(rmask.bool(), response, torch.full_like(response, tok.pad_token_id))
-    return Rollout(ids, mask, response, rmask, eos_hit)
+    return Rollout(ids, mask, response, rmask, eos_hit, logp, entropy)
 
 
 def decode_responses(tok, rollout: Rollout) -> list[str]:

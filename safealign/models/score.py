@@ -52,9 +52,28 @@ class TokenScorer(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        hidden = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # [B, L, H]
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor | None = None,
+                prefix_mask: torch.Tensor | None = None):
+        """With ``prefix_ids`` [B', Lp] (left-padded) and its mask: ``input_ids`` [k*B', L] are continuations
+        of those prefixes (row j continues prefix j % B', right-padded), each prefix run once through the
+        backbone and its keys/values shared by its continuations (chosen and rejected of a pair share their
+        common start). Scores, end scores and end indices are then those of the continuation tokens; the
+        end scores equal a forward over prefix + continuation (causal attention: a prefix does not see
+        what follows it)."""
+        bb = backbone(self.model)
+        if prefix_ids is None:
+            hidden = bb(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask)).last_hidden_state               # [B, L, H]
+        else:
+            cache = bb(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids_from_mask(prefix_mask),
+                       use_cache=True).past_key_values                                                      # B' prefixes
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device) % prefix_ids.shape[0]          # [B] continuation -> prefix
+            cache.reorder_cache(rows)                                                                       # differentiable index_select
+            start = prefix_mask.long().sum(-1)[rows]                                                        # [B] prefix lengths
+            full_mask = torch.cat([prefix_mask[rows], attention_mask], dim=1)                               # [B, Lp + L]
+            positions = (start[:, None] + attention_mask.long().cumsum(-1) - 1).clamp(min=0)                # [B, L]
+            hidden = bb(input_ids=input_ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                        use_cache=True).last_hidden_state                                                   # [B, L, H]
         scores = score_head(self.model)(hidden).squeeze(-1).float()                                            # [B, L]
         idx = end_index(attention_mask)                                                                        # [B]
         end_scores = scores.gather(1, idx[:, None]).squeeze(1)                                                 # [B]

@@ -20,6 +20,11 @@ from safealign.rl.roles import Judge, Learner, causal_logits, on_device
 from safealign.runtime.seeds import EVAL_STEP_OFFSET, seed_sampling
 
 
+# The actor's log-probs and entropy of a rollout come from the decoding steps (no actor forward in the
+# score phase) when the [B, T, V] float32 logits generate() then keeps fit in this many bytes.
+SAMPLED_LOGITS_BYTES = 512 * 2**20
+
+
 @dataclass
 class Experience:
     """One rollout batch of this process. Response tensors are [B, T], right-padded; B = prompts x G."""
@@ -31,6 +36,8 @@ class Experience:
     mask: torch.Tensor           # [B, T] response tokens up to and including the first EOS
     eos_hit: torch.Tensor        # [B] bool
     texts: list[str]
+    sampled_logp: torch.Tensor = None   # [B, T] actor log-probs recorded while sampling (None: computed by a forward in scoring)
+    sampled_entropy: torch.Tensor = None
     old_logp: torch.Tensor = None       # [B, T]
     ref_logp: torch.Tensor = None       # [B, T]
     entropy: torch.Tensor = None        # [B, T]
@@ -51,28 +58,41 @@ class Experience:
 
 @torch.no_grad()
 def rollout(acc, learner_u: Learner, tok, prompts: list, prompt_ids: list[list[int]], cfg, synced_gpus: bool,
-            group_size: int = 1) -> Experience:
-    """``group_size`` responses to each prompt, the responses to one prompt in consecutive rows."""
+            group_size: int = 1, engine=None) -> Experience:
+    """``group_size`` responses to each prompt, the responses to one prompt in consecutive rows.
+    ``engine`` (the prepared learner) is not used yet: a ZeRO-3 rollout from a gathered actor is future work."""
     if group_size > 1:
         prompts = [p for p in prompts for _ in range(group_size)]
         prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
     learner_u.eval()
+    policy = learner_u.policy()
+    keep_logits = len(prompt_ids) * cfg.max_new_tokens * policy.config.get_text_config().vocab_size * 4 <= SAMPLED_LOGITS_BYTES
     with acc.autocast():
-        r = sample(learner_u.policy(), tok, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                   top_p=cfg.top_p, synced_gpus=synced_gpus)
-    return Experience(prompts, r.sequences, r.attention_mask, r.prompt_ids.shape[1], r.response_mask, r.eos_hit, decode_responses(tok, r))
+        r = sample(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                   top_p=cfg.top_p, synced_gpus=synced_gpus, with_logprobs=keep_logits)
+    return Experience(prompts, r.sequences, r.attention_mask, r.prompt_ids.shape[1], r.response_mask, r.eos_hit, decode_responses(tok, r),
+                      r.logp, r.entropy)
 
 
 @torch.no_grad()
 def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge, cost: Judge | None, exp: Experience,
-                     cfg, chunk: int) -> None:
-    """Fill old log-probs, entropy, old values, reference log-probs, reward and cost (no grad)."""
+                     cfg, chunk: int, critics: bool = True) -> None:
+    """Fill old log-probs, entropy, old values, reference log-probs, reward and cost (no grad).
+
+    The actor's log-probs and entropy are the ones recorded while sampling when the rollout has them
+    (the logits of the decoding steps are those a forward over prompt + response computes): then only
+    the critics run over the rollout here, besides the reference and the judges. ``critics=False``:
+    not even they (their values come from the update's first forward: rl.update.values_from_first_forward)."""
     learner.eval()
+    sampled = exp.sampled_logp is not None
     parts: dict[str, list] = {}
     for i in range(0, exp.seq.shape[0], chunk):
         ids, attn = exp.seq[i:i + chunk], exp.attn[i:i + chunk]
         with acc.autocast():
-            out = learner(ids, attn, exp.P, with_entropy=True)
+            if sampled:
+                out = {f"values_{name}": learner_u.values(name, ids, attn)[:, exp.P - 1:-1] for name in learner_u.critics if critics}
+            else:
+                out = learner(ids, attn, exp.P, with_entropy=True)
             keep = ids.shape[1] - exp.P + 1
             ref_logits = (learner_u.reference_logits(ids, attn, keep) if reference is None
                           else causal_logits(reference, ids, attn, keep))[:, :-1]                        # [b, T, V]
@@ -80,9 +100,11 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
         for k, v in out.items():
             parts.setdefault(k, []).append(v.float())
     cat = {k: torch.cat(v) for k, v in parts.items()}
+    if sampled:
+        cat["logp"], cat["entropy"] = exp.sampled_logp.float(), exp.sampled_entropy.float()
     m = exp.mask.float()
     exp.old_logp, exp.ref_logp, exp.entropy = cat["logp"] * m, cat["ref_logp"] * m, cat["entropy"] * m
-    exp.old_values = {name: cat[f"values_{name}"] * m for name in learner_u.critics}
+    exp.old_values = {name: cat[f"values_{name}"] * m for name in learner_u.critics if f"values_{name}" in cat}
     with acc.autocast():
         exp.reward = reward.score(exp, cfg.template, cfg.max_length)
         exp.cost = cost.score(exp, cfg.template, cfg.max_length) if cost is not None else None
@@ -92,7 +114,7 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
 
 @torch.no_grad()
 def evaluate(acc, learner_u: Learner, tok, reward: Judge, cost: Judge | None, prompts: list, prompt_ids: list, cfg, frozen,
-             synced: bool = False) -> dict:
+             synced: bool = False, engine=None) -> dict:
     """Reward and cost of fresh samples on the held-out prompts (same seed every time), gathered."""
     rank, world = acc.process_index, acc.num_processes
     shard = list(range(rank, len(prompts), world))
@@ -104,7 +126,7 @@ def evaluate(acc, learner_u: Learner, tok, reward: Judge, cost: Judge | None, pr
             n_real = len(part)
             part = part + [shard[0] if shard else 0] * (min(cfg.batch_size, n_max - i) - n_real)  # equal work everywhere
             seed_sampling(cfg.seed, EVAL_STEP_OFFSET + b, rank)
-            exp = rollout(acc, learner_u, tok, [prompts[j] for j in part], [prompt_ids[j] for j in part], cfg, synced)
+            exp = rollout(acc, learner_u, tok, [prompts[j] for j in part], [prompt_ids[j] for j in part], cfg, synced, engine=engine)
             with acc.autocast():
                 r = reward.score(exp, cfg.template, cfg.max_length)
                 c = cost.score(exp, cfg.template, cfg.max_length) if cost is not None else torch.zeros_like(r)

@@ -39,7 +39,7 @@ from safealign.rl.objective import advantages, combine, shape_streams
 from safealign.rl.roles import Learner, on_device
 from safealign.rl.save import live_policy_logits, save_policy, verify_policy
 from safealign.rl.setup import RLRun, eval_every, open_run, prepare, save_state
-from safealign.rl.update import policy_update
+from safealign.rl.update import policy_update, values_from_first_forward
 from safealign.runtime.seeds import seed_sampling
 
 
@@ -61,12 +61,15 @@ def run(cfg: PPOLagConfig) -> dict:
         # ---- 1. rollout: G responses to each prompt of this process's shard -----------------
         idx = order.take(step * B * world + rank * B, B)
         seed_sampling(cfg.seed, step, rank)
-        exp = rollout(acc, r.learner_u, r.tok, [r.train_prompts[i] for i in idx], [r.train_ids[i] for i in idx], cfg, r.synced, r.group_size)
+        exp = rollout(acc, r.learner_u, r.tok, [r.train_prompts[i] for i in idx], [r.train_ids[i] for i in idx], cfg, r.synced, r.group_size,
+                      engine=r.learner)
         t1 = time.perf_counter()
 
         # ---- 2. score: old log-probs/values, reference log-probs, reward, cost ---------------
+        deferred = values_from_first_forward(cfg, r.learner_u.critics) and exp.sampled_logp is not None
         with on_device(r.frozen, acc.device, cfg.offload_frozen):
-            score_experience(acc, r.learner, r.learner_u, r.reference, r.reward, r.cost, exp, cfg, chunk=r.responses // cfg.minibatches)
+            score_experience(acc, r.learner, r.learner_u, r.reference, r.reward, r.cost, exp, cfg, chunk=r.responses // cfg.minibatches,
+                             critics=not deferred)
         t2 = time.perf_counter()
 
         # ---- 3. the multiplier: J_c over the cost window of every process ---------------------
@@ -77,12 +80,18 @@ def run(cfg: PPOLagConfig) -> dict:
         streams = shape_streams(exp, kl, lam, pg_cost, algo, cfg, kl_in_reward)
 
         # ---- 5. advantages per stream, then the Lagrangian advantage ---------------------------
-        adv, returns = advantages(streams, exp, algo, cfg, r.group_size)
-        advantage = combine(adv, lam, cfg)                                                           # [B, T]
+        def to_advantage(old_values: dict, exp=exp, streams=streams, lam=lam):
+            exp.old_values.update(old_values)
+            adv, returns = advantages(streams, exp, algo, cfg, r.group_size)
+            return combine(adv, lam, cfg), returns                                                  # [B, T], {critic: [B, T]}
+
+        # the critics' old values come from the update's first forward when `deferred` (rl.update)
+        advantage, returns = (None, None) if deferred else to_advantage({})
 
         # ---- 6. update: epochs x minibatches (x gradient-accumulation micro-batches) -----------
-        train_stats = policy_update(acc, r.learner, r.optimizer, r.params, exp, advantage, returns, cfg, step, ptx_for,
-                                    policy_loss=algo.policy_loss, kl_loss=0.0 if kl_in_reward else cfg.kl_coeff, kl_kind=kl_kind)
+        train_stats, advantage, returns = policy_update(acc, r.learner, r.optimizer, r.params, exp, advantage, returns, cfg, step, ptx_for,
+                                                        policy_loss=algo.policy_loss, kl_loss=0.0 if kl_in_reward else cfg.kl_coeff,
+                                                        kl_kind=kl_kind, finish=to_advantage)
         r.scheduler.step()
         t3 = time.perf_counter()
 
@@ -93,7 +102,7 @@ def run(cfg: PPOLagConfig) -> dict:
         if r.critic_lr is not None:
             row["critic_lr"] = r.scheduler.get_last_lr()[-1]
         if r.eval_ids and done % eval_every(r) == 0 and done < r.total:
-            row.update(evaluate(acc, r.learner_u, r.tok, r.reward, r.cost, r.eval_prompts, r.eval_ids, cfg, r.frozen, r.synced))
+            row.update(evaluate(acc, r.learner_u, r.tok, r.reward, r.cost, r.eval_prompts, r.eval_ids, cfg, r.frozen, r.synced, r.learner))
         last = log.log(done, row)
         bar.set_postfix(reward=f"{row['reward']:.3f}", **({"cost": f"{row['cost']:.3f}"} if "cost" in row else {}), lam=f"{lam:.3f}")
         bar.update(1)
@@ -105,7 +114,7 @@ def run(cfg: PPOLagConfig) -> dict:
 
     # ---- final evaluation, save, reload check, report --------------------------------------------
     if r.eval_ids:
-        final_eval = evaluate(acc, r.learner_u, r.tok, r.reward, r.cost, r.eval_prompts, r.eval_ids, cfg, r.frozen, r.synced)
+        final_eval = evaluate(acc, r.learner_u, r.tok, r.reward, r.cost, r.eval_prompts, r.eval_ids, cfg, r.frozen, r.synced, r.learner)
         last = {**last, **final_eval}
         log.log(r.total, final_eval)
     in_sync = ranks_in_sync(acc, r.learner_u, r.constraint.value, weights=not r.zero3)

@@ -46,10 +46,53 @@ def load_pairs(cfg: PreferenceConfig, task: str):
 def collate(batch: list[EncodedPair], pad_id: int) -> dict:
     """Chosen and rejected stacked into one forward: ids [2B, L] (first B chosen)."""
     ids, mask = pad([e.chosen for e in batch] + [e.rejected for e in batch], pad_id)
-    return {"input_ids": ids, "attention_mask": mask,
-            "chosen_sign": torch.tensor([e.chosen_sign for e in batch], dtype=torch.float),
+    return {"input_ids": ids, "attention_mask": mask, **collate_signs(batch)}
+
+
+def collate_shared(batch: list[EncodedPair], pad_id: int) -> dict:
+    """As :func:`collate`, with the common start of chosen and rejected run once (TokenScorer's prefix
+    forward): prefix_ids [B, Lp] (left-padded), input_ids [2B, L] the two continuations (first B chosen).
+    For hh-style data, where both responses follow the same dialogue, that is the whole prompt."""
+    keep = [e.diverge for e in batch]                                 # >= 1 (see shares_prefix), < len of each side
+    prefix_ids, prefix_mask = pad([e.chosen[:k] for e, k in zip(batch, keep)], pad_id, side="left")
+    ids, mask = pad([e.chosen[k:] for e, k in zip(batch, keep)] + [e.rejected[k:] for e, k in zip(batch, keep)], pad_id)
+    out = collate_signs(batch)
+    out.update(input_ids=ids, attention_mask=mask, prefix_ids=prefix_ids, prefix_mask=prefix_mask)
+    return out
+
+
+def shares_prefix(batch: list[EncodedPair]) -> bool:
+    return all(e.diverge >= 1 for e in batch)
+
+
+def collate_signs(batch: list[EncodedPair]) -> dict:
+    return {"chosen_sign": torch.tensor([e.chosen_sign for e in batch], dtype=torch.float),
             "rejected_sign": torch.tensor([e.rejected_sign for e in batch], dtype=torch.float),
             "diverge": torch.tensor([e.diverge for e in batch])}
+
+
+def train_collate(cfg, pad_id: int):
+    """The training batches: the shared-prefix form for the sequence loss (the token-wise loss reads
+    scores of the shared part too; gradient checkpointing drops the key/value cache it needs)."""
+    shared = cfg.loss_type == "sequence" and not cfg.gradient_checkpointing
+
+    def fn(batch):
+        return collate_shared(batch, pad_id) if shared and shares_prefix(batch) else collate(batch, pad_id)
+
+    return fn
+
+
+def batch_lengths(cfg, examples: list[EncodedPair]) -> list:
+    """What a pair adds to its batch's padded size, for length grouping: (shared prefix, longer
+    continuation) in the shared-prefix form of :func:`train_collate`, else the longer side."""
+    if cfg.loss_type == "sequence" and not cfg.gradient_checkpointing:
+        return [(e.diverge, pair_length(e) - e.diverge) if e.diverge >= 1 else (0, pair_length(e)) for e in examples]
+    return [pair_length(e) for e in examples]
+
+
+def pair_length(e: EncodedPair) -> int:
+    """Padded length of a pair in a batch (chosen and rejected share one forward)."""
+    return max(len(e.chosen), len(e.rejected))
 
 
 def pair_loss(cfg, task: str):
@@ -58,7 +101,8 @@ def pair_loss(cfg, task: str):
 
     def fn(model, batch):
         dev = batch["input_ids"].device
-        scores, end, idx = model(batch["input_ids"], batch["attention_mask"])   # [2B, L], [2B], [2B]
+        prefix = {k: batch[k] for k in ("prefix_ids", "prefix_mask") if k in batch}
+        scores, end, idx = model(batch["input_ids"], batch["attention_mask"], **prefix)   # [2B, L], [2B], [2B]
         B = end.shape[0] // 2
         c_end, r_end = end[:B], end[B:]
         cs, rs = batch["chosen_sign"].to(dev), batch["rejected_sign"].to(dev)
@@ -167,11 +211,12 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
                  extra={"train_pairs": len(train_ex), "eval_pairs": len(eval_ex)})
     bins = getattr(cfg, "calibration_bins", 10)
     last_extras: dict = {}
+    eval_by_length = sorted(eval_ex, key=pair_length)  # batches of similar length: less padding to score
 
     def evaluate(step: int) -> dict:
         if not eval_ex:
             return {}
-        scores = score_pairs(acc, scorer, eval_ex, tok.pad_token_id, cfg.batch_size * 2)
+        scores = score_pairs(acc, scorer, eval_by_length, tok.pad_token_id, cfg.batch_size * 2)
         metrics, extras = eval_metrics(task, scores, bins)
         last_extras.update(extras, scores=scores)
         return metrics
@@ -179,8 +224,9 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
     if acc.is_main_process and not saved_tok.is_dir():
         save_tokenizer(tok, saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
     result = train_loop(acc=acc, cfg=cfg, model=scorer, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
-                        collate=lambda b: collate(b, tok.pad_token_id), loss_fn=pair_loss(cfg, task), out=out, total_steps=total,
-                        resume_from=resume_from, evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict)
+                        collate=train_collate(cfg, tok.pad_token_id), loss_fn=pair_loss(cfg, task), out=out, total_steps=total,
+                        resume_from=resume_from, evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict,
+                        lengths=batch_lengths(cfg, train_ex) if cfg.group_by_length else None)
     probe = collate((eval_ex or train_ex)[:16], tok.pad_token_id)
     scorer.eval()
     live = live_outputs(scorer, "score", probe["input_ids"], probe["attention_mask"])  # collective: under ZeRO-3 every process takes part

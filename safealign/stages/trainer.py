@@ -164,18 +164,59 @@ def strip_prefix(state: dict, prefix: str) -> dict:
 
 
 class DataOrder:
-    """Example indices as a pure function of (seed, position): epoch e is a seeded permutation."""
+    """Example indices as a pure function of (seed, position): epoch e is a seeded permutation.
 
-    def __init__(self, n: int, seed: int):
+    With ``lengths`` (one per example: an int, or a pair of padded lengths) and ``batch`` > 1 the permutation is length-grouped
+    (:func:`group_by_length`): every run of ``batch`` consecutive positions that a micro-batch takes
+    holds examples of similar length, so little of it is padding. Still a pure function of (seed,
+    position), so ``--resume`` sees the batches it would have seen."""
+
+    def __init__(self, n: int, seed: int, lengths: list | None = None, batch: int = 1, window: int = 64):
         self.n, self.seed, self._cache = n, seed, {}
+        self.lengths = None if lengths is None or batch <= 1 else np.asarray(lengths)
+        self.batch, self.window = batch, window
 
     def _perm(self, epoch: int) -> np.ndarray:
         if epoch not in self._cache:
-            self._cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(self.n)
+            if self.lengths is not None:
+                # micro-batches start at multiples of `batch` of the position stream; an epoch that starts
+                # mid-batch first completes the batch its predecessor began
+                head = (-epoch * self.n) % self.batch
+                perm = group_by_length(perm, self.lengths, self.batch, self.window, rng, head=head)
+            self._cache = {epoch: perm}
         return self._cache[epoch]
 
     def take(self, start: int, count: int) -> list[int]:
         return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + count)]
+
+
+def group_by_length(perm: np.ndarray, lengths: np.ndarray, batch: int, window: int, rng: np.random.Generator, head: int = 0,
+                    sub: int = 8) -> np.ndarray:
+    """A length-grouped version of the shuffled indices ``perm``: the first ``head`` stay where they are
+    (they finish a batch begun before), the rest are cut into windows of ``window * batch`` indices, each
+    window sorted by length (longest first), cut into batches of ``batch``, and the batches shuffled
+    (``rng``). Every index appears once; only which indices share a batch, and the batch order, change.
+
+    ``lengths`` [n, 2] (two padded dimensions, e.g. a shared prefix and the continuations after it, a
+    batch costing max(first) + k * max(second)): each window is sorted by the second column, cut into
+    runs of ``sub`` batches, and each run sorted by the first column, so a batch is homogeneous in both."""
+    head = min(head, len(perm))
+    rest = perm[head:]
+    span = window * batch
+
+    def order(c: np.ndarray) -> np.ndarray:
+        if lengths.ndim == 1:
+            return c[np.argsort(-lengths[c], kind="stable")]
+        c = c[np.argsort(-lengths[c, 1], kind="stable")]
+        runs = np.split(c, range(sub * batch, len(c), sub * batch))
+        return np.concatenate([r[np.argsort(-lengths[r, 0], kind="stable")] for r in runs])
+
+    ordered = np.concatenate([order(c) for c in np.split(rest, range(span, len(rest), span))]) if len(rest) else rest
+    full = len(ordered) // batch * batch
+    blocks = ordered[:full].reshape(-1, batch)[rng.permutation(full // batch)] if full else ordered[:0].reshape(0, batch)
+    return np.concatenate([perm[:head], blocks.reshape(-1), ordered[full:]])
 
 
 def reset_peak_memory() -> None:
@@ -287,13 +328,18 @@ def check_resumed_inputs(acc, out: Path, data_fingerprint: str | None) -> None:
 def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, examples: list, collate: Callable[[list], dict],
                loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]], out: Path, total_steps: int,
                resume_from: Path | None, evaluate: Callable[[int], dict] | None = None,
-               on_checkpoint_state: Callable[[], dict] | None = None, cfg_dict: dict | None = None, unit: str = "pairs") -> LoopResult:
-    """Run optimizer steps ``[start, total_steps)``; returns where it stopped and throughput. The caller has
-    opened ``out`` with :func:`open_run_dir` (which also removes half-written checkpoints); ``resume_from``
-    is :func:`resume_point`'s checkpoint (None: start at step 0)."""
+               on_checkpoint_state: Callable[[], dict] | None = None, cfg_dict: dict | None = None, unit: str = "pairs",
+               lengths: list[int] | None = None) -> LoopResult:
+    """Run optimizer steps ``[start, total_steps)``; returns where it stopped and throughput (of training:
+    evaluation and checkpoint time excluded). The caller has opened ``out`` with :func:`open_run_dir`
+    (which also removes half-written checkpoints); ``resume_from`` is :func:`resume_point`'s checkpoint
+    (None: start at step 0). ``lengths`` (one per example): batch examples of similar length
+    together (:class:`DataOrder`)."""
     world, rank = acc.num_processes, acc.process_index
     log = MetricsLog(out / "metrics.jsonl", acc)
-    order = DataOrder(len(examples), cfg.seed)
+    # grouped per global micro-step (every process's micro-batch together): N processes then train on the
+    # batches one process with N x batch_size would
+    order = DataOrder(len(examples), cfg.seed, lengths=lengths, batch=cfg.batch_size * acc.num_processes)
     start, resumed_from = 0, None
     if resume_from is not None:
         state = ckpt.load_checkpoint(acc, resume_from)
@@ -311,7 +357,7 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
     from safealign.runtime.progress import progress
 
     bar = progress(total_steps, out.name, initial=start, enabled=acc.is_local_main_process)
-    t0, seen = time.perf_counter(), 0
+    t0, seen, paused = time.perf_counter(), 0, 0.0   # paused: seconds of evaluation and checkpoints
     window: dict[str, list[float]] = {}
     model.train()
     for step in range(start, total_steps):
@@ -337,10 +383,11 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
             synced = acc.reduce(torch.tensor([means[k] for k in keys], device=acc.device), reduction="mean").tolist()
             row = {f"train/{k}": v for k, v in zip(keys, synced)}
             row.update({"lr": scheduler.get_last_lr()[0], "epoch": done * per_step / len(examples),
-                        f"{unit}_per_second": seen / max(time.perf_counter() - t0, 1e-9)})
+                        f"{unit}_per_second": seen / max(time.perf_counter() - t0 - paused, 1e-9)})
             last_train = log.log(done, row)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}")
             window = {}
+        t_pause = time.perf_counter()
         if evaluate is not None and (done % eval_every == 0 or done == total_steps):
             ev = evaluate(done)
             evals.append(ev)
@@ -349,6 +396,7 @@ def train_loop(*, acc, cfg, model: torch.nn.Module, optimizer, scheduler, exampl
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
             extra = on_checkpoint_state() if on_checkpoint_state else {}
             ckpt.save_checkpoint(acc, out, done, {"config": cfg_dict or {}, **extra}, keep=cfg.keep_checkpoints)
+        paused += time.perf_counter() - t_pause
     bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - paused
     return LoopResult(total_steps, total_steps, resumed_from, seconds, seen / max(seconds, 1e-9), last_train, evals)
