@@ -62,8 +62,16 @@ def param_groups(named_params, lr: float, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-    """AdamW with betas (0.9, 0.95) (Safe RLHF) over :func:`param_groups` groups."""
-    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    """AdamW with betas (0.9, 0.95) (Safe RLHF) over :func:`param_groups` groups, with torch's fused
+    kernel where every parameter's device and dtype have one (CPU and CUDA, floating point). On CPU
+    the default implementation loops over the tensors in Python: 0.22 s per step for the 65M trainable
+    parameters of a 20M PPO-Lagrangian learner (actor + two critics) against 0.03 s fused
+    (bench/results/optimizer_step.md). The arithmetic is AdamW's either way; only the rounding order
+    differs."""
+    try:
+        return torch.optim.AdamW(groups, betas=(0.9, 0.95), fused=True)
+    except (RuntimeError, ValueError):    # a device or dtype without the fused kernel
+        return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
 def make_scheduler(optimizer, name: str, warmup_ratio: float, total_steps: int):
