@@ -1,6 +1,7 @@
 """Seconds per RL update next to the peers: safealign `ppo-lag` (reward + cost critics) against trl's
 last PPO trainer (`trl.experimental.ppo`, trl 1.12.0: one critic, no cost) and against safealign
-`--algorithm ppo` (one critic), on the same models, prompts, batch and response length; optionally
+`--algorithm ppo` (one critic) and safealign `ppo-lag --shared-critic` (reward and cost value heads on
+one critic backbone), on the same models, prompts, batch and response length; optionally
 safealign `grpo-lag` against trl 1.16 `GRPOTrainer` with reward_funcs=[reward model, cost model]
 and reward_weights [1, -lambda] set by a dual-ascent callback (--grpo).
 
@@ -67,7 +68,7 @@ def prompts_of(data: Path, n: int) -> list[str]:
 # safealign
 
 
-def safealign_run(paths: dict, out: Path, algorithm: str, a) -> dict:
+def safealign_run(paths: dict, out: Path, algorithm: str, a, *extra) -> dict:
     cmd = [sys.executable, "-m", "safealign", "ppo-lag", "--algorithm", algorithm, "--model", paths["policy"], "--reward-model", paths["rm"],
            "--data", paths["data"], "--output-dir", out, "--max-steps", a.steps, "--batch-size", a.batch_size,
            "--max-new-tokens", a.max_new_tokens, "--ppo-epochs", a.ppo_epochs, "--minibatches", 1, "--save-steps", 0, "--eval-split", 0,
@@ -76,6 +77,7 @@ def safealign_run(paths: dict, out: Path, algorithm: str, a) -> dict:
         cmd += ["--cost-model", paths["cm"]]
     if algorithm.startswith("grpo"):
         cmd += ["--group-size", a.group_size]
+    cmd += list(extra)
     res = subprocess.run([str(c) for c in cmd], env=ENV, cwd=REPO, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"safealign {algorithm} failed:\n{res.stderr[-3000:]}")
@@ -263,6 +265,8 @@ def main() -> None:
             paths = build(Path(tmp) / size, vocab=1024, **SIZES[size])
             rows = {}
             rows["safealign ppo-lag (reward + cost critics)"] = safealign_run(paths, Path(tmp) / f"{size}-lag", "ppo-lag", a)
+            rows["safealign ppo-lag --shared-critic (reward + cost heads on one critic)"] = safealign_run(
+                paths, Path(tmp) / f"{size}-lag-shared", "ppo-lag", a, "--shared-critic")
             rows["safealign --algorithm ppo (one critic)"] = safealign_run(paths, Path(tmp) / f"{size}-ppo", "ppo", a)
             rows["trl 1.12 experimental PPOTrainer (one critic)"] = run_trl("ppo", paths, a, trl_dir)
             if a.grpo:
@@ -285,8 +289,10 @@ def main() -> None:
                 g, t = rows[f"safealign grpo-lag (G={a.group_size}, no critic)"], rows[f"trl 1.16 GRPOTrainer [rm, cm] x [1, -lambda] (G={a.group_size})"]
                 lines += ["", f"grpo-lag vs trl GRPOTrainer: {g['step'] / t['step']:.2f}x the wall time per update ({a.batch_size} prompts x {a.group_size}; "
                           "trl's GRPO has no phase split here: wall time from on_step_begin to on_step_end)."]
+            shared = rows["safealign ppo-lag --shared-critic (reward + cost heads on one critic)"]
             lines += ["", f"safealign ppo-lag / trl PPO time per update (generate + score + train): **{lag['phases'] / trl_ppo['phases']:.2f}x** "
-                      f"(target <= 0.5x); wall time per update: {lag['step'] / trl_ppo['step']:.2f}x.", ""]
+                      f"(target <= 0.5x), with --shared-critic **{shared['phases'] / trl_ppo['phases']:.2f}x**; wall time per update: "
+                      f"{lag['step'] / trl_ppo['step']:.2f}x and {shared['step'] / trl_ppo['step']:.2f}x.", ""]
     text = "\n".join(lines)
     print(text)
     if a.out:

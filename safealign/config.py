@@ -333,7 +333,7 @@ class GenerationOptions:
     top_p: float = opt(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.")
 
 
-@help_panels("RL", {"Training": "batch_size lr", "Model": "reward_model cost_model reward_critic cost_critic offload_frozen",
+@help_panels("RL", {"Training": "batch_size lr", "Model": "reward_model cost_model reward_critic cost_critic shared_critic offload_frozen",
                     "Lagrangian": "threshold lambda_init lambda_lr lambda_max lambda_update_delay lambda_method pid_kp pid_ki pid_kd episode_cost_window normalize_by_lambda constraint",
                     "HC-RLHF constraint (--constraint hc)": "hc_delta hc_c1 hc_c2 hc_safety_size"})
 @dataclass
@@ -346,6 +346,7 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
     cost_model: str | None = opt(None, "Cost model directory (from train-cost); not needed for --algorithm ppo.")
     reward_critic: str | None = opt(None, "Initial reward critic (default: the reward model).")
     cost_critic: str | None = opt(None, "Initial cost critic (default: the cost model).")
+    shared_critic: bool = opt(False, "One critic backbone with a value head per stream (reward, cost) instead of one critic model each: one forward and backward fewer per update and one model's weights and optimizer state less. Initialised from --reward-critic (default the reward model): its score head is the reward value head, the cost value head starts at zero. With --lora-r: one critic adapter instead of one per stream.")
     algorithm: str = opt("ppo-lag", "ppo-lag (PPO-Lagrangian: reward and cost critics, learned multiplier), ppo (reward only, no cost), reward-shaping (fixed lambda: reward - lambda_init * cost), grpo-lag (GRPO-Lagrangian: no critics, group-relative advantages of reward and cost, learned multiplier), grpo (reward only, group-relative).", choices=tuple(ALGORITHMS))
     group_size: int = opt(0, "Responses sampled per prompt (G). The grpo algorithms normalise each response's reward and cost within its group of G and need G >= 2; 0 = the algorithm's default (4 for grpo*, 1 for ppo*).")
     advantage: str = opt("auto", "Advantage estimator (safealign/algorithms/advantages.py): gae (with the critics: ppo, ppo-lag, reward-shaping), or for the critic-free grpo algorithms group ((R - group mean) / group std, GRPO), group-batch (group-centred, divided by the batch std of the centred returns), group-mean (R - group mean, Dr. GRPO), rloo (leave-one-out); auto = the algorithm's.")
@@ -434,6 +435,12 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
                 raise BadInput(f"lambda_init must be > 0 with --lambda-method sgd (it learns log lambda), got {self.lambda_init}")
             if self.lambda_init < 0 or (self.lambda_max is not None and self.lambda_init > self.lambda_max):
                 raise BadInput(f"lambda_init {self.lambda_init} must be in [0, lambda_max = {self.lambda_max}] (> 0 with --lambda-method sgd)")
+        if self.shared_critic and len(algo.critics) < 2:
+            raise BadInput(f"--shared-critic shares one backbone between the reward and the cost critic; --algorithm {self.algorithm} trains "
+                           + ("one critic" if algo.critics else "no critic"), fix="drop --shared-critic, or use --algorithm ppo-lag")
+        if self.shared_critic and self.cost_critic:
+            raise BadInput("--cost-critic has no model to initialise under --shared-critic (the cost value head sits on the reward critic's backbone and starts at zero)",
+                           fix="drop --cost-critic, or drop --shared-critic")
         if self.lora_r and (self.reward_critic or self.cost_critic):
             raise BadInput("with --lora-r the critics are LoRA adapters on the policy's base model; --reward-critic/--cost-critic apply to full fine-tuning only",
                            fix="drop --reward-critic/--cost-critic, or use --lora-r 0")

@@ -393,6 +393,7 @@ class Stage:
     cost_model: str | None = None
     reward_critic: str | None = None
     cost_critic: str | None = None
+    shared_critic: bool = False
     tiny: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -450,6 +451,7 @@ def read_stage(cfg) -> Stage:
         st.group_size = sc.responses_per_prompt()
         st.reward_model, st.cost_model = sc.reward_model, sc.cost_model
         st.reward_critic, st.cost_critic = sc.reward_critic, sc.cost_critic
+        st.shared_critic = sc.shared_critic
         div = sc.minibatches * sc.grad_accum
         st.micro_batch = max(1, batch * st.group_size // div)
         if cfg.seq_len is None and sc.max_length < sc.max_new_tokens + 8:
@@ -529,14 +531,24 @@ def build_roles(st: Stage, dims: Dims, *, lora_r: int, dtype: str, attention: st
                           "frozen; shared by actor, critics and reference (adapters disabled)"))
         roles.append(Role("actor", "causal", adapter, adapter, f"LoRA r={lora_r}", act=acts(dims, "actor", T + 1), kv_cache=kv))
         roles.append(Role("reference", "causal", 0, 0, "= policy base, adapters disabled"))
-        for c in critics:
+        if st.shared_critic and critics:   # one adapter, a value head per stream
+            n = adapter + len(critics) * dims.hidden
+            roles.append(Role(f"{' + '.join(critics)} critic (shared)", "score", n, n,
+                              f"one LoRA r={lora_r} adapter on the policy base + {len(critics)} value heads", act=acts(dims, "score")))
+        for c in critics if not st.shared_critic else ():
             roles.append(Role(f"{c} critic", "score", adapter + dims.hidden, adapter + dims.hidden,
                               f"LoRA r={lora_r} on the policy base + value head", act=acts(dims, "score")))
     else:
         roles.append(Role("actor", "causal", param_count(dims, "lm"), param_count(dims, "lm"), "trained",
                           act=acts(dims, "actor", T + 1), kv_cache=kv))
         roles.append(Role("reference", "causal", param_count(dims, "lm"), 0, "frozen"))
-        for c in critics:
+        if st.shared_critic and critics:   # the reward critic's backbone + a value head per stream
+            cd = _aux_dims(st.reward_critic, rm, "reward critic", st.notes, st.tiny) if st.reward_critic else rm
+            n = param_count(cd, "score") + (len(critics) - 1) * cd.hidden
+            roles.append(Role(f"{' + '.join(critics)} critic (shared)", "score", n, n,
+                              f"one backbone, {len(critics)} value heads; initialised from the {'reward critic' if st.reward_critic else 'reward model'}",
+                              act=acts(cd, "score")))
+        for c in critics if not st.shared_critic else ():
             judge = rm if c == "reward" else cm
             given = getattr(st, f"{c}_critic")
             cd = _aux_dims(given, judge, f"{c} critic", st.notes, st.tiny) if given else judge

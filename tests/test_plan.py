@@ -187,6 +187,18 @@ def test_ppo_lora_shares_one_base():
     assert sum(r.trainable for r in lora) == 3 * adapter + 2 * dims.hidden
 
 
+def test_shared_critic_is_one_backbone_with_two_heads():
+    dims = P.resolve_dims("llama-7b")
+    st = P.Stage(stage="ppo-lag", model="llama-7b", batch_size=16, micro_batch=16, seq=512, new_tokens=256, shared_critic=True)
+    full = P.build_roles(st, dims, lora_r=0, dtype="bf16", attention="sdpa")
+    assert [r.name for r in full] == ["actor", "reference", "reward model", "cost model", "reward + cost critic (shared)"]
+    lm, sc = P.param_count(dims, "lm"), P.param_count(dims, "score")
+    assert sum(r.params for r in full) == 2 * lm + 3 * sc + dims.hidden      # one 7B critic (and its Adam state) fewer
+    assert sum(r.trainable for r in full) == lm + sc + dims.hidden
+    lora = P.build_roles(st, dims, lora_r=16, dtype="bf16", attention="sdpa")
+    assert sum(r.trainable for r in lora) == 2 * P.lora_param_count(dims, 16) + 2 * dims.hidden
+
+
 def test_grpo_lag_has_four_roles_and_g_times_the_rollout():
     dims = P.resolve_dims("llama-7b")
     ppo = P.Stage(stage="ppo-lag", model="llama-7b", batch_size=16, micro_batch=16, seq=512, new_tokens=256)

@@ -542,3 +542,69 @@ def test_score_phase_shortcuts_change_no_number(cli, mw, tmp_path, monkeypatch):
     for a, b in zip(fast, full):
         for k in keys:
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), (k, a[k], b[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# --shared-critic: one critic backbone, a value head per stream
+
+
+def test_shared_critic_runs_the_backbone_once_and_starts_from_the_reward_model(mw):
+    """The reward head is the reward model's score head on the reward model's backbone (values equal
+    the reward model's token scores at the start), the cost head starts at zero, and one call gives
+    both streams from ONE backbone forward."""
+    from safealign.config import PPOLagConfig
+    from safealign.models.loading import load_score_model
+    from safealign.models.score import TokenScorer
+    from safealign.rl.roles import build_roles
+
+    cfg = PPOLagConfig(model=str(mw["policy"]), reward_model=str(mw["rm"]), cost_model=str(mw["cm"]), data=str(mw["data"]), shared_critic=True)
+    learner, *_, notes = build_roles(cfg, mw["tok"], "fp32", ("reward", "cost"))
+    assert set(learner.critics) == {"reward", "cost"} and learner.shared
+    assert all(isinstance(h, torch.nn.Linear) for h in learner.critics.values()) and float(learner.critics["cost"].weight.detach().abs().sum()) == 0.0
+    assert "shared critic backbone" in notes["cost_critic"]
+    calls = []
+    learner.trunk.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.tensor([mw["tok"]("USER: how do i cook rice ASSISTANT: friend stuff tips")["input_ids"]] * 2)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        v = learner.critic_values(ids, mask)
+        rm = TokenScorer(load_score_model(str(mw["rm"]), mw["tok"], dtype="fp32", head="trained"))(ids, mask)[0]
+    assert len(calls) == 1, "both heads read one backbone forward"
+    assert torch.allclose(v["reward"], rm, atol=1e-5) and float(v["cost"].abs().max()) == 0.0
+    # the separate critics for comparison: two backbones, the cost critic = the cost model
+    sep, *_ = build_roles(PPOLagConfig(model=str(mw["policy"]), reward_model=str(mw["rm"]), cost_model=str(mw["cm"]), data=str(mw["data"])),
+                          mw["tok"], "fp32", ("reward", "cost"))
+    n = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert n(sep) - n(learner) == n(sep.critics["cost"]) - learner.critics["cost"].weight.numel()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_critic_end_to_end(cli, mw, tmp_path, lora):
+    out = tmp_path / "shared"
+    extra = ["--lora-r", "4", "--lr", "5e-3"] if lora else []
+    assert cli(*base_args(mw, out, "--max-steps", "2", "--shared-critic", *extra)) == 0
+    rows = train_rows(out)
+    assert all(k in rows[-1] for k in ("train/reward_critic_loss", "train/cost_critic_loss", "reward_value_mean", "cost_value_mean"))
+    assert rows[0]["cost_value_mean"] == pytest.approx(0.0, abs=1e-7), "the cost head starts at zero"
+    report = json.loads((out / "report.json").read_text())
+    assert report["reload_check"]["ok"]
+    assert ("LoRA adapter 'critic'" if lora else "shared critic backbone") in report["roles"]["cost_critic"]
+
+
+def test_shared_critic_resume_must_match(cli, mw, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = base_args(mw, out, "--max-steps", "2", "--save-steps", "1", "--eval-split", "0")
+    assert cli(*args) == 0
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    assert cli(*[a if a != "2" else "4" for a in args], "--shared-critic", "--resume") == 2
+    assert "shared_critic" in capsys.readouterr().err
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize("case", ["ppo", "cost_critic"])
+def test_shared_critic_bad_input(cli, mw, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    extra = ["--algorithm", "ppo"] if case == "ppo" else ["--cost-critic", mw["cm"]]
+    assert cli(*base_args(mw, out, "--max-steps", "1", "--shared-critic", *extra)) == 2
+    err = capsys.readouterr().err
+    assert "--shared-critic" in err and "Traceback" not in err and not out.exists()

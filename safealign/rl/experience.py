@@ -90,7 +90,7 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
         ids, attn = exp.seq[i:i + chunk], exp.attn[i:i + chunk]
         with acc.autocast():
             if sampled:
-                out = {f"values_{name}": learner_u.values(name, ids, attn)[:, exp.P - 1:-1] for name in learner_u.critics if critics}
+                out = {f"values_{name}": v[:, exp.P - 1:-1] for name, v in (learner_u.critic_values(ids, attn) if critics else {}).items()}
             else:
                 out = learner(ids, attn, exp.P, with_entropy=True)
             keep = ids.shape[1] - exp.P + 1

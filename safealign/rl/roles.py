@@ -6,6 +6,9 @@ reference a frozen copy of the starting policy. LoRA (``--lora-r``): one frozen 
 actor's adapter and one adapter per critic (each critic a linear value head on the base's last
 hidden state under its adapter); the reference is the base with every adapter disabled. Which
 critics exist is the algorithm's choice (``rl.algorithms``): two for ppo-lag, none for GRPO.
+``--shared-critic``: the critics are linear value heads on ONE critic backbone (full fine-tuning: a
+seq-cls model, whose score head becomes the reward head; LoRA: one adapter, ``critic``), so the
+backbone runs once for all of them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from safealign.algorithms import rl as RL
 from safealign.errors import BadInput
 from safealign.models.generation import score_texts
 from safealign.models.loading import local_load
-from safealign.models.score import TokenScorer, backbone, position_ids_from_mask
+from safealign.models.score import TokenScorer, backbone, position_ids_from_mask, score_head
 
 ACTOR = "default"            # peft's name for the first adapter: saved at adapter/ without a sub-folder
 
@@ -70,13 +73,23 @@ class Learner(nn.Module):
     LoRA:             ``actor`` a PeftModel over one frozen base with adapters ``default`` (actor),
                       ``reward_critic`` and ``cost_critic``; ``critics[name]`` a linear value head
                       on the base's last hidden state under that critic's adapter.
+    shared critic:    ``critics[name]`` a linear value head each, all on one backbone: ``trunk`` (the
+                      backbone of a seq-cls model) in full fine-tuning, the adapter ``critic`` with LoRA.
     """
 
-    def __init__(self, actor: nn.Module, critics: dict[str, nn.Module], lora: bool):
+    def __init__(self, actor: nn.Module, critics: dict[str, nn.Module], lora: bool, trunk: nn.Module | None = None,
+                 shared: bool = False):
         super().__init__()
         self.actor = actor
         self.critics = nn.ModuleDict(critics)
         self.lora = lora
+        self.shared = shared or trunk is not None
+        if trunk is not None:
+            self.trunk = trunk
+
+    def critic_adapter(self, name: str) -> str:
+        """LoRA mode: the adapter critic ``name`` reads the base under."""
+        return "critic" if self.shared else f"{name}_critic"
 
     # -- adapters (LoRA mode) -------------------------------------------------------------
     def _use(self, adapter: str) -> None:
@@ -100,12 +113,20 @@ class Learner(nn.Module):
         with self.actor.disable_adapter():
             return causal_logits(self.actor, ids, mask, keep)
 
-    def values(self, name: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # [B, L] -> [B, L]
-        if not self.lora:
-            return self.critics[name](ids, mask)[0]
-        self._use(f"{name}_critic")
-        hidden = backbone(self.actor)(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state
-        return self.critics[name](hidden).squeeze(-1).float()
+    def critic_values(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:  # [B, L] -> {name: [B, L]}
+        """Every critic's value at every position; a backbone that several critics share runs once."""
+        if not self.lora and not self.shared:
+            return {name: critic(ids, mask)[0] for name, critic in self.critics.items()}
+        out, hidden, ran = {}, None, None
+        for name, head in self.critics.items():
+            adapter = self.critic_adapter(name)
+            if hidden is None or (self.lora and adapter != ran):
+                self._use(adapter)
+                bb = backbone(self.actor) if self.lora else self.trunk
+                hidden = bb(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state   # [B, L, H]
+                ran = adapter
+            out[name] = head(hidden).squeeze(-1).float()
+        return out
 
     def forward(self, ids, mask, prompt_len: int, with_entropy: bool = False, ptx: dict | None = None) -> dict:
         """ids/mask [B, P+T] (prompt left-padded to P, response right-padded) ->
@@ -116,8 +137,8 @@ class Learner(nn.Module):
         out = {"logp": RL.logprobs_from_logits(logits, ids[:, P:])}                      # [B, T]
         if with_entropy:
             out["entropy"] = RL.entropy_from_logits(logits)                              # [B, T]
-        for name in self.critics:
-            out[f"values_{name}"] = self.values(name, ids, mask)[:, P - 1:-1]            # [B, T]
+        for name, v in self.critic_values(ids, mask).items():
+            out[f"values_{name}"] = v[:, P - 1:-1]                                       # [B, T]
         if ptx is not None:
             lm = self.logits(ptx["input_ids"], ptx["attention_mask"])[:, :-1].float()    # [B', L'-1, V]
             out["ptx_loss"] = F.cross_entropy(lm.reshape(-1, lm.shape[-1]), ptx["labels"][:, 1:].reshape(-1), ignore_index=-100)
@@ -132,6 +153,13 @@ class Learner(nn.Module):
             is_actor = (f".{ACTOR}." in name) if self.lora and name.startswith("actor.") else name.startswith("actor.")
             (actor if is_actor else critic).append((name, p))
         return actor, critic
+
+
+def zero_head(hidden: int) -> nn.Linear:
+    """A value head reading the last hidden state, V = 0 at the start."""
+    head = nn.Linear(hidden, 1, bias=False)
+    nn.init.zeros_(head.weight)
+    return head
 
 
 def causal_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
@@ -215,18 +243,23 @@ def build_roles(cfg, tok, frozen_dtype: str, critic_names: tuple[str, ...]):
         hidden = actor.get_base_model().config.hidden_size
         critics = {}
         for name in critic_names:
-            actor.add_adapter(f"{name}_critic", copy.deepcopy(actor.peft_config[ACTOR]))
-            critics[name] = nn.Linear(hidden, 1, bias=False)
-            nn.init.zeros_(critics[name].weight)          # V = 0 at the start
-            notes[f"{name}_critic"] = f"LoRA adapter '{name}_critic' on the policy base + zero-initialised value head"
+            adapter = "critic" if cfg.shared_critic else f"{name}_critic"
+            if adapter not in actor.peft_config:
+                actor.add_adapter(adapter, copy.deepcopy(actor.peft_config[ACTOR]))
+            critics[name] = zero_head(hidden)                 # V = 0 at the start
+            notes[f"{name}_critic"] = f"LoRA adapter '{adapter}' on the policy base + zero-initialised value head"
         reference = None
         notes["reference"] = "the policy base with adapters disabled"
         if cfg.gradient_checkpointing:
             actor.get_base_model().activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": adapter_checkpoint_context(actor)})
     else:
-        critics = {}
+        critics, trunk = {}, None
         for name in critic_names:
+            if trunk is not None:        # --shared-critic: a value head on the first critic's backbone
+                critics[name] = zero_head(trunk.config.hidden_size)
+                notes[f"{name}_critic"] = f"zero-initialised value head on the shared critic backbone ({notes[f'{critic_names[0]}_critic']})"
+                continue
             given = getattr(cfg, f"{name}_critic")
             source = given or getattr(cfg, f"{name}_model")
             if not same_tokenizer(load_tokenizer(source), tok):
@@ -237,14 +270,19 @@ def build_roles(cfg, tok, frozen_dtype: str, critic_names: tuple[str, ...]):
             critics[name] = TokenScorer(load_score_model(source, tok, dtype="fp32", seed=cfg.seed, score_type="critic",
                                                          head="new" if source == cfg.model else "trained"))
             notes[f"{name}_critic"] = f"initialised from {source}" + (" (the reward/cost model's tokenizer differs from the actor's)" if source == cfg.model else "")
+            if cfg.shared_critic:        # its backbone becomes the trunk, its score head this critic's value head
+                model = critics[name].model
+                trunk = backbone(model)
+                critics[name] = zero_head(trunk.config.hidden_size)
+                critics[name].weight.data.copy_(score_head(model).weight.data.float())
         with local_load():
             reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype, revision=cfg.revision).eval().requires_grad_(False)
         notes["reference"] = f"frozen copy of {cfg.model}"
         if cfg.gradient_checkpointing:
             actor.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            for c in critics.values():
-                c.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    learner = Learner(actor, critics, lora=bool(cfg.lora_r))
+            for c in ([trunk] if trunk is not None else [c.model for c in critics.values()]):
+                c.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    learner = Learner(actor, critics, lora=bool(cfg.lora_r), trunk=None if cfg.lora_r else trunk, shared=cfg.shared_critic)
     if cfg.lora_r:  # the actor's adapter active, every adapter trainable (add_adapter leaves the new ones frozen)
         switch_adapter(actor, ACTOR)
         actor.base_model.set_requires_grad(list(actor.peft_config), True)
