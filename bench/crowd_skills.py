@@ -250,23 +250,21 @@ def panel(work: Path, imb: int, budget_s: float = 1e9) -> dict:
     return res
 
 
-def skills_panel(work: Path, w: Path, base: Path, imb: int, task: dict, evalp: list[str], cpl: float = 1.0) -> dict:
-    """The SFT start and the skills route (crowd latent -> skills -> compose), evaluated; ``cpl`` < 1: the skills
-    trained with conservative CPL (lambda = cpl on the rejected answer's advantage) instead of DPO."""
+def skills_panel(work: Path, w: Path, base: Path, imb: int, task: dict, evalp: list[str]) -> dict:
+    """The SFT start and the skills route (crowd latent -> skills -> compose), evaluated."""
     from safealign.models.loading import load_causal_lm, load_tokenizer
     from safealign.models.skills import load_zprefix
 
-    res: dict = {"imbalance": imb, "methods": {}, **({"cpl_lambda": cpl} if tag else {})}
+    res: dict = {"imbalance": imb, "methods": {}}
     tok = load_tokenizer(str(base))
     sft_lm = load_causal_lm(str(base), tok, dtype="fp32").eval()
     res["methods"]["sft (start)"] = evaluate(sft_lm, tok, None, None, evalp, task, 0)
-    tag = "" if cpl == 1.0 else f"-cpl{cpl}"
-    lat, sk, cp = work / f"latent-{imb}", work / f"skills-{imb}{tag}", work / f"compose-{imb}{tag}"
+    lat, sk, cp = work / f"latent-{imb}", work / f"skills-{imb}", work / f"compose-{imb}"
     if not (lat / "report.json").is_file():
         run("crowd", "latent", "--data", w / "preferences.jsonl", "--output-dir", lat)
     if not (sk / "report.json").is_file():
         run("crowd", "skills", "--model", base, "--latent", lat, "--data", w / "preferences.jsonl", "--output-dir", sk, "--max-steps", "400",
-            "--lr", "2e-3", "--beta", "0.5", "--eval-prompts", w / "prompts_eval.jsonl", "--eval-samples", "60", "--save-steps", "0", *(["--cpl-lambda", cpl] if tag else []))
+            "--lr", "2e-3", "--beta", "0.5", "--eval-prompts", w / "prompts_eval.jsonl", "--eval-samples", "60", "--save-steps", "0")
     if not (cp / "report.json").is_file():
         run("crowd", "compose", "--skills", sk, "--task", w / "task.jsonl", "--prompts", w / "prompts_train.jsonl", "--eval-prompts",
             w / "prompts_eval.jsonl", "--output-dir", cp, "--max-steps", STEPS, "--batch-size", PROMPTS, "--group-size", GROUP, "--lr", "0.1",
@@ -319,19 +317,12 @@ def write_report(work: Path, out_md: Path, out_png: Path, argv: str) -> None:
         for name, m in p["methods"].items():
             lines.append(f"| {name} | {m['task_return']:.3f} | {m['harm_rate']:.3f} |")
         lines += [""]
-    for f in sorted(work.glob("panel-*-cpl*.json")):
-        v = json.loads(f.read_text())
-        lines += [f"## Variant: skills with conservative CPL (lambda {v['cpl_lambda']}) at {v['imbalance']}:1", "",
-                  f"`.venv/bin/python bench/crowd_skills.py --imbalance {v['imbalance']} --cpl-lambda {v['cpl_lambda']}` (same world, SFT, "
-                  "latent model, steps and compose budget as the panel above; only the skills' loss differs).", "",
-                  "| method | task return | oracle harm rate |", "| --- | ---: | ---: |"]
-        lines += [f"| {name} | {m['task_return']:.3f} | {m['harm_rate']:.3f} |" for name, m in v["methods"].items()] + [""]
     lines += ["![task return vs oracle harm](crowd_skills.png)", ""]
     out_md.write_text("\n".join(lines))
     from safealign.runtime import plots
 
     plt = plots._plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 3, 4.2), squeeze=False, sharey=True)
     for ax, p in zip(axes[0], panels):
         for name, m in p["methods"].items():
             if name.startswith("reward combination"):
@@ -348,7 +339,7 @@ def write_report(work: Path, out_md: Path, out_png: Path, argv: str) -> None:
         ax.set_xlabel("oracle harm rate (held-out prompts)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("task return")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))   # outside: no point hidden
     plots._save(fig, out_png)
 
 
@@ -357,19 +348,10 @@ def main() -> None:
     ap.add_argument("--imbalance", type=int, choices=IMBALANCES)
     ap.add_argument("--report", action="store_true")
     ap.add_argument("--budget-s", type=float, default=480, help="stop (resumably) before starting a run after this many seconds")
-    ap.add_argument("--cpl-lambda", type=float, default=1.0, help="with --imbalance: only the skills route, its skills trained with this CPL lambda "
-                    "(< 1: conservative CPL); written as a variant section of the report")
     ap.add_argument("--work", type=Path, default=Path("/tmp/safealign-crowd-skills-bench"))
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    if a.imbalance and a.cpl_lambda != 1.0:
-        w = world(a.work, a.imbalance)
-        evalp = [r["prompt"] for r in read_jsonl(w / "prompts_eval.jsonl")]
-        p = skills_panel(a.work, w, sft(a.work), a.imbalance, {r["prompt"]: r for r in read_jsonl(w / "task.jsonl")}, evalp, a.cpl_lambda)
-        (a.work / f"panel-{a.imbalance}-cpl{a.cpl_lambda}.json").write_text(json.dumps(p, indent=1))
-        for name, m in p["methods"].items():
-            print(f"{name:55s} task {m['task_return']:.3f}  harm {m['harm_rate']:.3f}")
-    elif a.imbalance:
+    if a.imbalance:
         p = panel(a.work, a.imbalance, a.budget_s)
         for name, m in p["methods"].items():
             print(f"{name:55s} task {m['task_return']:.3f}  harm {m['harm_rate']:.3f}")
