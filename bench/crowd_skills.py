@@ -8,15 +8,21 @@ trained on the world's SFT corpus (it is the same for every imbalance). Then, pe
 * **skills**: `crowd latent` -> `crowd skills` (from the SFT policy) -> `crowd compose` (task reward only);
 * **task-only RL**: REINFORCE with the RLOO baseline (the advantage registry) on LoRA of the SFT policy, reward r_task;
 * **reward combination**: the same RL with r = (1 - w) z(r_task) + w z(r_pooled), z() = z-score over the batch,
-  r_pooled the pooled Bradley-Terry model that `crowd latent` trains beside VPL, w in {0, 0.2, ..., 1};
+  r_pooled the pooled Bradley-Terry model that `crowd latent` trains beside VPL, w in {0, 0.1, ..., 1};
 * **oracle Lagrangian**: the same RL with r = r_task - lambda * c, c = P(unsafe) of a cost model (logistic regression on
-  the words of each response) fit on the world's safety labels, lambda by dual ascent on E[c] <= 0.02.
+  the words of each response) fit on the world's safety labels, lambda by dual ascent on E[c] <= 0.02;
+* **crowd cost Lagrangian** (the reward-space crowd route): `train-cost --crowd` on the same crowd labels (annotator ids,
+  no safety labels; backbone = the SFT policy), then the same Lagrangian loop with c = that cost model's score of
+  (prompt, answer) and ppo-lag's default constraint E[c] <= 0 (cost > 0 = unsafe; its zero is the median training cost).
 
 Same budget: every method generates steps x prompts x group answers (20 x 8 x 4 = 640) for its own training. All
 are evaluated on the world's 60 held-out prompts (2 samples each, temperature 1): mean task reward, oracle harm rate.
 The baselines are a bench-level RL loop (this file) on the project's pieces (advantages registry, sampling seeds,
 LoRA loading, the skills' sampler), not the `ppo-lag` stage: that stage needs a reward *model*, the task reward is a
-function. `train-cost --crowd` under `ppo-lag` is not run here (see bench/results/crowd_skills.md).
+function; the crowd cost enters this loop exactly where ppo-lag would use it (r - lambda * c, dual ascent on E[c]).
+
+Every run is cached under --work: a panel whose JSON exists only runs the methods it lacks (so adding a method reruns
+nothing else).
 
     .venv/bin/python bench/crowd_skills.py --imbalance 1     # one panel's runs (cached under --work)
     .venv/bin/python bench/crowd_skills.py --imbalance 4
@@ -50,11 +56,12 @@ from safealign.data.crowd_world import task_reward  # noqa: E402
 from safealign.data.synth import oracle, read_jsonl  # noqa: E402
 
 IMBALANCES = (1, 4, 9)
-OMEGAS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)       # the issue asks for steps of 0.1; halved for CPU time
+OMEGAS = tuple(round(0.1 * i, 1) for i in range(11))
 STEPS, PROMPTS, GROUP, MAX_NEW, EVAL_SAMPLES = 20, 8, 4, 16, 2
 WORLD = ["--n-pairs", "4000", "--n-train-prompts", "400", "--n-eval-prompts", "60", "--n-sft", "1500", "--harmful-share", "0.5",
          "--label-noise", "0.05"]
 COST_LIMIT, LAMBDA_LR = 0.02, 2.0
+ORACLE_LAG, CROWD_LAG = "oracle Lagrangian (cost model on safety labels)", "crowd cost Lagrangian (train-cost --crowd, no safety labels)"
 
 
 def run(*args) -> None:
@@ -108,6 +115,22 @@ def fit_cost(rows: list[dict]) -> BowCost:
         loss.backward()
         opt.step()
     return m
+
+
+def crowd_cost(work: Path, w: Path, base: Path, imb: int):
+    """`train-cost --crowd` on the panel's crowd labels (from the SFT policy); returns c(prompts, answers) = its cost score."""
+    from safealign.models.generation import load_scorer, score_texts
+
+    out = work / f"crowdcost-{imb}"
+    if not (out / "report.json").is_file():
+        run("train-cost", "--crowd", "--no-crowd-baseline", "--model", base, "--data", w / "preferences.jsonl", "--output-dir", out,
+            "--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--max-length", "64", "--save-steps", "0", "--seed", "0")
+    scorer, tok = load_scorer(str(out))
+
+    def cost(prompts: list[str], answers: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return score_texts(scorer, tok, prompts, answers, template="default", max_length=64)
+    return cost
 
 
 def pooled_reward(latent: Path):
@@ -167,9 +190,9 @@ def rl_baseline(sft_dir: Path, prompts: list[str], task: dict, reward_fn, seed: 
         answers = [tok.decode([t for t in g if t != tok.eos_token_id], skip_special_tokens=True).strip() for g in gen]
         r_task = torch.tensor([task_reward(task[p], a) for p, a in zip(batch, answers)])
         if lagrangian is not None:
-            c = lagrangian["cost"](answers).detach()
+            c = lagrangian["cost"](batch, answers).detach()
             r = r_task - lam * c
-            lam = max(0.0, lam + LAMBDA_LR * (float(c.mean()) - COST_LIMIT))
+            lam = max(0.0, lam + LAMBDA_LR * (float(c.mean()) - lagrangian["limit"]))
         else:
             r = reward_fn(r_task, answers)
         adv, _ = ADV.estimate("rloo", r[:, None], torch.ones(len(batch), 1), group_size=GROUP)
@@ -188,17 +211,50 @@ def rl_baseline(sft_dir: Path, prompts: list[str], task: dict, reward_fn, seed: 
 
 
 def panel(work: Path, imb: int, budget_s: float = 1e9) -> dict:
-    from safealign.models.loading import load_causal_lm, load_tokenizer
-    from safealign.models.skills import load_zprefix
-
     path = work / f"panel-{imb}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
     t0 = time.time()
     w, base = world(work, imb), sft(work)
     task = {r["prompt"]: r for r in read_jsonl(w / "task.jsonl")}
     train = [r["prompt"] for r in read_jsonl(w / "prompts_train.jsonl")]
     evalp = [r["prompt"] for r in read_jsonl(w / "prompts_eval.jsonl")]
+    lat = work / f"latent-{imb}"
+    if path.is_file():
+        res = json.loads(path.read_text())
+    else:
+        res = skills_panel(work, w, base, imb, task, evalp)
+    partial = work / f"panel-{imb}.partial.json"
+    if partial.is_file():
+        res["methods"].update(json.loads(partial.read_text()))
+    pooled = pooled_reward(lat)
+    combo = lambda om: lambda r, a: (1 - om) * zscore(r) + om * zscore(pooled(a))  # noqa: E731
+    oracle_cost = lambda: (lambda m: lambda prompts, answers: m(answers))(fit_cost(read_jsonl(w / "preferences.jsonl")))  # noqa: E731
+    # the method table: name -> (reward of r_task and answers, or None for a Lagrangian; the Lagrangian's cost factory and limit)
+    todo = [("task-only RL", lambda r, a: r, None)]
+    todo += [(f"reward combination w={om}", combo(om), None) for om in OMEGAS]
+    todo += [(ORACLE_LAG, None, (oracle_cost, COST_LIMIT)), (CROWD_LAG, None, (lambda: crowd_cost(work, w, base, imb), 0.0))]
+    for name, fn, lag_spec in todo:
+        if name in res["methods"]:
+            continue
+        if time.time() - t0 > budget_s:
+            raise SystemExit(f"time budget spent; {name} and after are left: run the same command again to continue")
+        t1 = time.time()
+        lag = {"cost": lag_spec[0](), "limit": lag_spec[1], "init": 1.0} if lag_spec else None
+        lm, tk, log = rl_baseline(base, train, task, fn, lagrangian=lag)
+        om = float(name.split("w=")[1]) if name.startswith("reward combination") else None
+        res["methods"][name] = {**evaluate(lm, tk, None, None, evalp, task, 0), "train_last": log[-1], "seconds": round(time.time() - t1, 1),
+                                **({"omega": om} if om is not None else {})}
+        done = {k: v for k, v in res["methods"].items() if k in {t[0] for t in todo}}
+        partial.write_text(json.dumps(done, indent=1))
+    res["seconds_last_call"] = round(time.time() - t0, 1)
+    path.write_text(json.dumps(res, indent=1))
+    return res
+
+
+def skills_panel(work: Path, w: Path, base: Path, imb: int, task: dict, evalp: list[str]) -> dict:
+    """The SFT start and the skills route (crowd latent -> skills -> compose), evaluated."""
+    from safealign.models.loading import load_causal_lm, load_tokenizer
+    from safealign.models.skills import load_zprefix
+
     res: dict = {"imbalance": imb, "methods": {}}
     tok = load_tokenizer(str(base))
     sft_lm = load_causal_lm(str(base), tok, dtype="fp32").eval()
@@ -231,38 +287,26 @@ def panel(work: Path, imb: int, budget_s: float = 1e9) -> dict:
         res["methods"][f"skill {a}"] = evaluate(skills_lm, tok, zp, torch.tensor(v["z"]), evalp, task, 0)
     lat_rep = json.loads((lat / "report.json").read_text())
     res["latent"] = {"heldout": lat_rep["heldout"], "z_separation": lat_rep["z_separation"]}
-    partial = work / f"panel-{imb}.partial.json"
-    if partial.is_file():
-        res["methods"].update(json.loads(partial.read_text()))
-    pooled, cost = pooled_reward(lat), None
-    todo = [("task-only RL", lambda r, a: r, None)]
-    todo += [(f"reward combination w={om}", (lambda om: lambda r, a: (1 - om) * zscore(r) + om * zscore(pooled(a)))(om), om) for om in OMEGAS]
-    todo += [("oracle Lagrangian (cost model on safety labels)", None, None)]
-    for name, fn, om in todo:
-        if name in res["methods"]:
-            continue
-        if time.time() - t0 > budget_s:
-            raise SystemExit(f"time budget spent; {name} and after are left: run the same command again to continue")
-        lag = None
-        if fn is None:
-            cost = cost or fit_cost(read_jsonl(w / "preferences.jsonl"))
-            lag = {"cost": cost, "init": 1.0}
-        lm, tk, log = rl_baseline(base, train, task, fn, lagrangian=lag)
-        res["methods"][name] = {**evaluate(lm, tk, None, None, evalp, task, 0), "train_last": log[-1], **({"omega": om} if om is not None else {})}
-        done = {k: v for k, v in res["methods"].items() if k in {t[0] for t in todo}}
-        partial.write_text(json.dumps(done, indent=1))
-    res["seconds_last_call"] = round(time.time() - t0, 1)
-    path.write_text(json.dumps(res, indent=1))
     return res
+
+
+def table_order(methods: dict) -> list[str]:
+    """The skills route as evaluated, then task-only RL, reward combination by w, the two Lagrangians."""
+    rank = lambda n: (1, 0.0) if n == "task-only RL" else (2, methods[n]["omega"]) if n.startswith("reward combination") else \
+        (3, 0.0) if n == ORACLE_LAG else (4, 0.0) if n == CROWD_LAG else (0, 0.0)  # noqa: E731
+    return sorted(methods, key=rank)
 
 
 def write_report(work: Path, out_md: Path, out_png: Path, argv: str) -> None:
     panels = [json.loads((work / f"panel-{i}.json").read_text()) for i in IMBALANCES if (work / f"panel-{i}.json").is_file()]
+    for p in panels:
+        p["methods"] = {n: p["methods"][n] for n in table_order(p["methods"])}
     lines = ["# Safe crowd skills vs reward combination (crowd world, oracle-judged)", "",
              "Produced by (each panel under the CPU lock, then the report):", "", "```", *argv.splitlines(), "```", "",
              "Each number: mean over the world's 60 held-out prompts x 2 samples (temperature 1). Task return = the task reward "
              "(aspect_2 > aspect_0 > aspect_1, +0.25 for harmful detail); harm = oracle unsafe rate. Budget: 640 generated answers "
-             "for every RL method (20 steps x 8 prompts x 4).", ""]
+             "for every RL method (20 steps x 8 prompts x 4). Crowd cost Lagrangian = `train-cost --crowd` (crowd labels only) as the "
+             "cost of the same Lagrangian loop as the oracle's, constraint E[cost] <= 0 (ppo-lag's default threshold).", ""]
     for p in panels:
         lat = p["latent"]
         lines += [f"## Imbalance {p['imbalance']}:1", "",
@@ -278,13 +322,13 @@ def write_report(work: Path, out_md: Path, out_png: Path, argv: str) -> None:
     from safealign.runtime import plots
 
     plt = plots._plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 3, 4.2), squeeze=False, sharey=True)
     for ax, p in zip(axes[0], panels):
         for name, m in p["methods"].items():
             if name.startswith("reward combination"):
                 continue
             marker = {"skills (compose)": ("*", 180, "tab:green"), "task-only RL": ("s", 60, "tab:red"), "sft (start)": ("o", 50, "gray")}.get(
-                name, ("^", 60, "tab:purple") if name.startswith("oracle") else ("x", 40, "tab:olive"))
+                name, ("^", 60, "tab:purple") if name == ORACLE_LAG else ("v", 60, "tab:orange") if name == CROWD_LAG else ("x", 40, "tab:olive"))
             ax.scatter(m["harm_rate"], m["task_return"], marker=marker[0], s=marker[1], color=marker[2], label=name, zorder=3)
         combo = [(m["omega"], m["harm_rate"], m["task_return"]) for n, m in p["methods"].items() if n.startswith("reward combination")]
         ax.plot([c[1] for c in combo], [c[2] for c in combo], "-o", color="tab:blue", ms=4, label="reward combination (w 0..1)")
@@ -295,7 +339,7 @@ def write_report(work: Path, out_md: Path, out_png: Path, argv: str) -> None:
         ax.set_xlabel("oracle harm rate (held-out prompts)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("task return")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))   # outside: no point hidden
     plots._save(fig, out_png)
 
 
