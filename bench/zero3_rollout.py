@@ -81,10 +81,9 @@ def main() -> None:
               f"measured peak RSS difference {after['peak_rss_mb'] - before['peak_rss_mb']:+.0f} MB (rank 0's high-water mark over the whole run, "
               "which the copy does not set at this size: the difference is noise). `safealign plan` adds the copy to the rollout phase of its "
               "ZeRO-3 rows.", "",
-              "Score and train differ between the two rows too (same seeds, same samples: tests/test_distributed.py checks that both give "
-              "the same metrics and weights). Not investigated here; a candidate is ZeRO-3's parameter coordinator, which after a sharded "
-              "rollout meets the score/training forwards with a trace recorded by generate()'s forwards, while the gathered rollout "
-              "re-registers the hooks and invalidates the trace."]
+              "s/update is the median of whole-step times, not the sum of the phase medians: with few measured steps on a shared 2-core "
+              "machine they need not add up. The gather changes generate only; score and train run the same code in both rows (and the "
+              "same samples: tests/test_distributed.py checks that a gathered and a sharded run give the same metrics and weights)."]
     text = "\n".join(lines)
     print(text)
     if a.out:
