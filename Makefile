@@ -43,6 +43,7 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/optimizer_step.py --out bench/results/optimizer_step.md
 	$(BIN)/python bench/ppo_vs_peers.py --sizes tiny,20m --steps 5 --grpo --out bench/results/ppo_vs_peers.md
 	$(BIN)/python bench/ppo_floor.py --out bench/results/ppo_floor.md
+	$(BIN)/python bench/zero3_rollout.py --out bench/results/zero3_rollout.md
 	$(BIN)/python bench/ppo_speed.py --out bench/results/ppo_speed.md
 	$(BIN)/python bench/bound_validation.py --reps 2000 --out bench/results/bound_validation.md
 

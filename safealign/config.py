@@ -382,6 +382,7 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
     hc_c2: float = opt(2.0, "C2 of the same k (2 = the Seldonian inflation).")
     hc_safety_size: int = opt(100, "n: size of the safety set the model will be tested on.")
     offload_frozen: bool = opt(False, "Keep the frozen reward/cost/reference models on CPU between phases (GPU memory saver).", resume="may-change")
+    zero3_gather: bool = opt(True, "Under DeepSpeed ZeRO-3: gather the actor's weights once per rollout and generate from that copy, instead of all-gathering every layer at every decoding step (costs one unsharded copy of the actor per process while sampling; `plan` counts it).", resume="may-change")
 
     def validate(self) -> None:
         _validate_common(self)

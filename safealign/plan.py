@@ -52,7 +52,9 @@ Formulas (all approximations of what DeepSpeed/transformers allocate; 1 GiB = 2*
   their activations add up. A rollout needs the KV cache 2*L*kv*d*(prompt+new)*batch*e (or the
   logits of a no-grad scoring pass, if larger) instead of training activations; the peak is the
   larger of the two phases. The rollout also keeps the fp32 logits of every decoding step when
-  they fit in 512 MiB (the sampled tokens' log-probs then need no forward pass).
+  they fit in 512 MiB (the sampled tokens' log-probs then need no forward pass), and under ZeRO-3
+  with zero3_gather (the default) it samples from an unsharded copy of the actor (gathered once per
+  rollout), which the ZeRO-3 rows add to the rollout phase.
 * A setting fits when its peak is at most gpu_mem x (1 - margin) (default margin 15%: CUDA
   context, NCCL/ZeRO buckets, fragmentation, which are not modelled).
 
@@ -384,7 +386,7 @@ class Stage:
     seq: int
     new_tokens: int = 0       # ppo-lag: max_new_tokens
     group_size: int = 1       # ppo-lag: responses per prompt (G of the grpo algorithms)
-    zero3_gather: bool = False  # ppo-lag: ZeRO-3 rollouts sample from a gathered copy of the learner
+    zero3_gather: bool = True   # ppo-lag: ZeRO-3 rollouts sample from a gathered copy of the actor (PPOLagConfig.zero3_gather)
     lora_r: int = 0
     lora_targets: str = "all-linear"
     checkpointing: bool = False
@@ -452,6 +454,7 @@ def read_stage(cfg) -> Stage:
         st.reward_model, st.cost_model = sc.reward_model, sc.cost_model
         st.reward_critic, st.cost_critic = sc.reward_critic, sc.cost_critic
         st.shared_critic = sc.shared_critic
+        st.zero3_gather = sc.zero3_gather
         div = sc.minibatches * sc.grad_accum
         st.micro_batch = max(1, batch * st.group_size // div)
         if cfg.seq_len is None and sc.max_length < sc.max_new_tokens + 8:
@@ -573,12 +576,19 @@ def _rollout_bytes(st: Stage, dims: Dims, dtype: str) -> int:
     return max(kv + (sampled if sampled <= SAMPLED_LOGITS_BYTES else 0), scoring)
 
 
-def gathered_learner_bytes(st: Stage, roles: list, dtype: str) -> int:
-    """ZeRO-3 with zero3_gather: the unsharded copy of the actor (with LoRA: the policy base and its
-    adapters) that a rollout samples from, on every device, on top of its shard."""
+def gathered_learner_bytes(st: Stage, dims: Dims, roles: list, dtype: str) -> int:
+    """ZeRO-3 with zero3_gather: the unsharded copy of the actor that a rollout samples from, on every
+    device, on top of its shard. With LoRA the actor module is the policy base with every adapter on
+    it (the actor's and each critic's; the critics' value heads live outside it)."""
     if st.stage != "ppo-lag" or not st.zero3_gather:
         return 0
-    return roles[0].params * (2 if dtype == "bf16" else 4)
+    by = {r.name: r for r in roles}
+    if "policy base" in by:
+        critics = [r for r in roles if r.name.endswith(" critic")]
+        n = by["policy base"].params + by["actor"].params + sum(r.params - dims.hidden for r in critics)   # adapter + value head, less the head
+    else:
+        n = by["actor"].params
+    return n * (2 if dtype == "bf16" else 4)
 
 
 def evaluate(st: Stage, dims: Dims, *, devices: int, dtype: str, attention: str, lora_r: int,
@@ -594,7 +604,7 @@ def evaluate(st: Stage, dims: Dims, *, devices: int, dtype: str, attention: str,
         saved = sum(a["saved"] for a in trained)
         act[ck] = saved + max((a["peak"] - a["saved"] for a in trained), default=0)
     rollout_base = _rollout_bytes(st, dims, dtype)
-    gathered = gathered_learner_bytes(st, roles, dtype)
+    gathered = gathered_learner_bytes(st, dims, roles, dtype)
     e = 2 if dtype == "bf16" else 4
     rows = []
     for zero, off in settings():
@@ -792,6 +802,10 @@ def render(plan: dict) -> str:
             lines.append(f"  - {s}")
     for n in plan["notes"]:
         lines.append(f"note: {n}")
+    gathered = max((r["rollout_gathered_learner"] for r in plan["rows"] + plan["lora_rows"]), default=0)
+    if gathered:
+        lines.append(f"note: the ZeRO-3 rows' rollout includes up to {fmt_bytes(gathered)} for the actor gathered once per rollout "
+                     "(zero3_gather; --no-zero3-gather samples from the shards instead: less memory, every layer all-gathered at every decoding step)")
     lines.append("note: estimates (formulas in safealign/plan.py); against tensors measured on tiny models, weights/grads/optimizer "
                  "are exact and the activation peak within 4% (bench/results/plan_vs_measured.md); CUDA context and "
                  "fragmentation are left to the margin")

@@ -134,21 +134,49 @@ def test_world_size_mismatch_is_refused():
         dist.check_world(FakeAcc(), world=2)
 
 
-@pytest.mark.parametrize("launcher,algorithm", [("torchrun", "ppo-lag"), ("zero2", "ppo-lag"), ("torchrun", "grpo-lag")])
-def test_rl_two_processes_agree_on_lambda(world, tiny_policy, tiny_rm, tiny_cm, tmp_path, launcher, algorithm):
-    out = tmp_path / "ppo"
-    if launcher == "torchrun":
-        head = [BIN / "torchrun", "--nproc_per_node", "2"]
-    else:
-        head = [BIN / "accelerate", "launch", "--config_file", REPO / "recipes" / "accelerate" / "zero2.yaml"]
+def rl_run(head: list, out: Path, world, tiny_policy, tiny_rm, tiny_cm, algorithm: str, *extra) -> list[dict]:
+    """A 3-step 2-process RL run; its metrics rows. Checks what every launcher must give: one report
+    (rank 0), lambda identical on the ranks and rising (costs above the threshold), the ranks in sync."""
     group = ["--group-size", "2", "--batch-size", "2"] if algorithm == "grpo-lag" else ["--batch-size", "4"]
     run([*head, "-m", "safealign", "ppo-lag", "--model", tiny_policy, "--reward-model", tiny_rm, "--cost-model", tiny_cm,
          "--data", world / "prompts_train.jsonl", "--output-dir", out, "--max-steps", "3", "--max-new-tokens", "8",
-         "--threshold", "-5", "--log-steps", "1", "--algorithm", algorithm, *group])
+         "--threshold", "-5", "--log-steps", "1", "--algorithm", algorithm, *group, *extra])
     report = json.loads((out / "report.json").read_text())
     assert report["algorithm"] == algorithm
     assert report["world_size"] == 2
     assert report["ranks_in_sync"] is True  # lambda and the actor's parameters are identical on both ranks
-    lam = [r["lambda"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "lambda" in r]
+    assert report["reload_check"]["ok"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lam = [r["lambda"] for r in rows if "lambda" in r]
     assert len(lam) == 3 and lam[-1] > lam[0]  # costs above the threshold raise lambda on every rank alike
     assert not list(out.glob("rank*")), "only rank 0 writes"
+    return rows
+
+
+@pytest.mark.parametrize("launcher,algorithm", [("torchrun", "ppo-lag"), ("zero2", "ppo-lag"), ("zero3", "ppo-lag"), ("torchrun", "grpo-lag")])
+def test_rl_two_processes_agree_on_lambda(world, tiny_policy, tiny_rm, tiny_cm, tmp_path, launcher, algorithm):
+    """zero3: rollouts from the actor gathered once per rollout (the default), and the ranks finish
+    (a reload check that generated on rank 0 alone once waited for rank 1 for ever: transformers
+    syncs generate() across processes whenever a ZeRO-3 run is active). Sampling from the gathered
+    copy draws the same tokens as sampling from the shards with the same seeds: every step's reward,
+    cost, response length, KL, lambda and loss equal those of the --no-zero3-gather run."""
+    if launcher == "torchrun":
+        head = [BIN / "torchrun", "--nproc_per_node", "2"]
+    else:
+        head = [BIN / "accelerate", "launch", "--config_file", REPO / "recipes" / "accelerate" / f"{launcher}.yaml"]
+    rows = rl_run(head, tmp_path / "rl", world, tiny_policy, tiny_rm, tiny_cm, algorithm)
+    if launcher == "zero3":
+        sharded = rl_run(head, tmp_path / "sharded", world, tiny_policy, tiny_rm, tiny_cm, algorithm, "--no-zero3-gather")
+        from safetensors.torch import load_file
+
+        keys = ["reward", "cost", "response_length", "response_length_max", "eos_rate", "kl", "lambda", "train/policy_loss",
+                "eval/reward", "eval/cost"]
+        pick = lambda rs: [{k: r[k] for k in keys if k in r} for r in rs if "lambda" in r or "eval/reward" in r]  # noqa: E731
+        a, b = pick(rows), pick(sharded)
+        assert len(a) == len(b) >= 3 and all(x.keys() == y.keys() and "reward" in x for x, y in zip(a[:3], b[:3]))
+        for x, y in zip(a, b):
+            assert x == pytest.approx(y, abs=1e-5)
+        w = lambda out: {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}  # noqa: E731
+        wg, ws = w(tmp_path / "rl"), w(tmp_path / "sharded")
+        assert wg and wg.keys() == ws.keys()
+        assert max(float((wg[k].float() - ws[k].float()).abs().max()) for k in wg) < 1e-6   # the same updates from the same samples

@@ -306,3 +306,40 @@ def test_cli_exit_codes_and_json(cli, tmp_path, capsys):
 def test_run_returns_headline(tmp_path):
     summary = P.run(SimpleNamespace(**{**vars(_cfg(model="tiny", stage="sft", gpus=1, gpu_mem="4GB"))}))
     assert summary["headline"].startswith("Recommended for sft")
+
+
+def test_zero3_rows_count_the_gathered_actor():
+    """ppo-lag under ZeRO-3 samples from the actor gathered once per rollout (zero3_gather, the default):
+    one unsharded copy of the actor on every device, which only the ZeRO-3 rows add to the rollout."""
+    from peft import LoraConfig
+    from transformers import LlamaForCausalLM
+
+    from safealign.models.loading import apply_lora, tiny_config
+
+    dims = P.tiny_dims()
+    for lora_r in (0, 8):
+        st = P.Stage(stage="ppo-lag", model="tiny", batch_size=4, micro_batch=4, seq=64, new_tokens=16, lora_r=lora_r)
+        rows = P.evaluate(st, dims, devices=2, dtype="fp32", attention="sdpa", lora_r=lora_r)["rows"]
+        off = P.evaluate(P.Stage(**{**st.__dict__, "zero3_gather": False}), dims, devices=2, dtype="fp32", attention="sdpa",
+                         lora_r=lora_r)["rows"]
+        actor = LlamaForCausalLM(tiny_config(_Tok()))
+        if lora_r:   # the actor module: the policy base with the actor's adapter and one adapter per critic
+            actor = apply_lora(actor, r=8, alpha=16, dropout=0.0, targets="all-linear", task="CAUSAL_LM")
+            for name in ("reward_critic", "cost_critic"):
+                actor.add_adapter(name, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        copy = 4 * _numel(actor)
+        for r, o in zip(rows, off):
+            assert r["rollout_gathered_learner"] == (copy if r["zero"] == 3 else 0)
+            assert r["rollout"] - o["rollout"] == r["rollout_gathered_learner"]
+            assert o["rollout_gathered_learner"] == 0
+
+
+def test_recipe_can_turn_the_gather_off(tmp_path):
+    on = P.make_plan(_cfg(model="llama-7b", stage="ppo-lag", gpus=8, gpu_mem="80GB", seq_len=512))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("zero3_gather: false\n")
+    off = P.make_plan(_cfg(config=str(recipe), model="llama-7b", stage="ppo-lag", gpus=8, gpu_mem="80GB", seq_len=512))
+    z3 = lambda plan: next(r for r in plan["rows"] if r["zero"] == 3 and r["offload"] == "none")  # noqa: E731
+    assert z3(on)["rollout_gathered_learner"] == 2 * P.param_count(P.resolve_dims("llama-7b"), "lm")   # bf16 copy of the 7B actor
+    assert z3(off)["rollout_gathered_learner"] == 0 and z3(on)["rollout"] > z3(off)["rollout"]
+    assert "gathered once per rollout" in P.render(on) and "gathered once per rollout" not in P.render(off)

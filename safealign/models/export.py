@@ -89,7 +89,8 @@ def reload_check(out: Path, kind: str, live: torch.Tensor | None, ids: torch.Ten
         ok = diff < TOLERANCE[kind]
     if kind == "causal" and prompt is not None:
         gen = plain.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                             max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             synced_gpus=False)   # one process, plain model: transformers' default (True under a ZeRO-3 run) would wait for the others
         res["generated_tokens"] = int(gen.shape[1] - len(prompt))
         res["generates"] = res["generated_tokens"] > 0
         ok = ok and res["generates"]

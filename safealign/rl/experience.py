@@ -9,6 +9,7 @@ and scores held-out prompts (one response each, the same seeds every time).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -56,20 +57,60 @@ class Experience:
         return ids, mask
 
 
+def _zero3_offload(engine):
+    """The ZeRO-3 parameter coordinator of a DeepSpeed engine (what owns the per-module hooks)."""
+    opt = getattr(engine, "optimizer", None)
+    if opt is None:
+        return None
+    return getattr(opt, "parameter_offload", opt)
+
+
+@contextmanager
+def generation_policy(acc, learner_u: Learner, engine, synced_gpus: bool, gather: bool):
+    """(the causal LM to sample from, whether generate() must keep the processes in step).
+
+    Under ZeRO-3 (``synced_gpus``) each process holds a shard of every weight, so a decoding step
+    all-gathers every layer, at every step, with every process waiting for the slowest. With ``gather``
+    the actor's weights are gathered once for the whole rollout and each process samples from that
+    copy on its own; the shards are restored afterwards. This is what trl's
+    ``trl.models.utils.unwrap_model_for_generation`` does (its remove_hooks/add_hooks are re-done here,
+    as feasibility.md advises for trl's small utilities): DeepSpeed ``GatheredParameters`` on the
+    actor's parameters (the critics do not generate and stay sharded), ZeRO's per-module hooks off
+    meanwhile (they would release a gathered layer after its forward), then re-registered, with the
+    coordinator's recorded trace invalidated so the next training forward records a fresh one."""
+    offload = _zero3_offload(engine) if synced_gpus and gather and engine is not None else None
+    if offload is None:
+        yield learner_u.policy(), synced_gpus
+        return
+    import deepspeed
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+
+    with deepspeed.zero.GatheredParameters(list(learner_u.actor.parameters())):
+        for p in iter_params(offload.module, recurse=True):
+            p.ds_active_sub_modules.clear()
+        for h in offload.forward_hooks + offload.backward_hooks:
+            h.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield learner_u.policy(), False
+        finally:
+            offload._register_deepspeed_module(offload.module)   # also invalidates the coordinator's trace
+
+
 @torch.no_grad()
 def rollout(acc, learner_u: Learner, tok, prompts: list, prompt_ids: list[list[int]], cfg, synced_gpus: bool,
             group_size: int = 1, engine=None) -> Experience:
     """``group_size`` responses to each prompt, the responses to one prompt in consecutive rows.
-    ``engine`` (the prepared learner) is not used yet: a ZeRO-3 rollout from a gathered actor is future work."""
+    ``engine``: the prepared (DeepSpeed) learner, for :func:`generation_policy`'s gathered copy."""
     if group_size > 1:
         prompts = [p for p in prompts for _ in range(group_size)]
         prompt_ids = [p for p in prompt_ids for _ in range(group_size)]
     learner_u.eval()
-    policy = learner_u.policy()
-    keep_logits = len(prompt_ids) * cfg.max_new_tokens * policy.config.get_text_config().vocab_size * 4 <= SAMPLED_LOGITS_BYTES
-    with acc.autocast():
-        r = sample(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                   top_p=cfg.top_p, synced_gpus=synced_gpus, with_logprobs=keep_logits)
+    with generation_policy(acc, learner_u, engine, synced_gpus, getattr(cfg, "zero3_gather", False)) as (policy, synced):
+        keep_logits = len(prompt_ids) * cfg.max_new_tokens * policy.config.get_text_config().vocab_size * 4 <= SAMPLED_LOGITS_BYTES
+        with acc.autocast():
+            r = sample(policy, tok, prompt_ids, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, synced_gpus=synced, with_logprobs=keep_logits)
     return Experience(prompts, r.sequences, r.attention_mask, r.prompt_ids.shape[1], r.response_mask, r.eos_hit, decode_responses(tok, r),
                       r.logp, r.entropy)
 

@@ -169,7 +169,7 @@ def prepare(cfg: PPOLagConfig) -> RLRun:
     if not cfg.offload_frozen:
         for m in frozen:
             m.to(acc.device)
-    zero3 = bool(cfg.deepspeed) and getattr(acc.state.deepspeed_plugin, "zero_stage", 0) == 3
+    zero3 = getattr(acc.state.deepspeed_plugin, "zero_stage", 0) == 3   # from --deepspeed or from `accelerate launch`'s config alike
     params = ([p for _, p in actor_named], [p for _, p in critic_named])
     return RLRun(cfg, algo, out, cfg_dict, acc, tok, train_prompts, train_ids, eval_prompts, eval_ids, ptx, data_stats,
                  wrapped, acc.unwrap_model(wrapped), reference, reward, cost, frozen, optimizer, scheduler, params, constraint,
