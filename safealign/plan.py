@@ -576,18 +576,19 @@ def _rollout_bytes(st: Stage, dims: Dims, dtype: str) -> int:
     return max(kv + (sampled if sampled <= SAMPLED_LOGITS_BYTES else 0), scoring)
 
 
-def gathered_learner_bytes(st: Stage, dims: Dims, roles: list, dtype: str) -> int:
+def gathered_learner_bytes(st: Stage, roles: list, dtype: str) -> int:
     """ZeRO-3 with zero3_gather: the unsharded copy of the actor that a rollout samples from, on every
     device, on top of its shard. With LoRA the actor module is the policy base with every adapter on
     it (the actor's and each critic's; the critics' value heads live outside it)."""
     if st.stage != "ppo-lag" or not st.zero3_gather:
         return 0
     by = {r.name: r for r in roles}
-    if "policy base" in by:
-        critics = [r for r in roles if r.name.endswith(" critic")]
-        n = by["policy base"].params + by["actor"].params + sum(r.params - dims.hidden for r in critics)   # adapter + value head, less the head
-    else:
-        n = by["actor"].params
+    n = by["actor"].params
+    if "policy base" in by:   # every adapter is the actor's size: one per critic, or one for all with --shared-critic
+        from safealign.rl.algorithms import ALGORITHMS
+
+        critics = ALGORITHMS[st.algorithm].critics
+        n = by["policy base"].params + n * (1 + (min(len(critics), 1) if st.shared_critic else len(critics)))
     return n * (2 if dtype == "bf16" else 4)
 
 
@@ -604,7 +605,7 @@ def evaluate(st: Stage, dims: Dims, *, devices: int, dtype: str, attention: str,
         saved = sum(a["saved"] for a in trained)
         act[ck] = saved + max((a["peak"] - a["saved"] for a in trained), default=0)
     rollout_base = _rollout_bytes(st, dims, dtype)
-    gathered = gathered_learner_bytes(st, dims, roles, dtype)
+    gathered = gathered_learner_bytes(st, roles, dtype)
     e = 2 if dtype == "bf16" else 4
     rows = []
     for zero, off in settings():

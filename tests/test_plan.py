@@ -317,15 +317,15 @@ def test_zero3_rows_count_the_gathered_actor():
     from safealign.models.loading import apply_lora, tiny_config
 
     dims = P.tiny_dims()
-    for lora_r in (0, 8):
-        st = P.Stage(stage="ppo-lag", model="tiny", batch_size=4, micro_batch=4, seq=64, new_tokens=16, lora_r=lora_r)
+    for lora_r, shared in ((0, False), (8, False), (8, True)):
+        st = P.Stage(stage="ppo-lag", model="tiny", batch_size=4, micro_batch=4, seq=64, new_tokens=16, lora_r=lora_r, shared_critic=shared)
         rows = P.evaluate(st, dims, devices=2, dtype="fp32", attention="sdpa", lora_r=lora_r)["rows"]
         off = P.evaluate(P.Stage(**{**st.__dict__, "zero3_gather": False}), dims, devices=2, dtype="fp32", attention="sdpa",
                          lora_r=lora_r)["rows"]
         actor = LlamaForCausalLM(tiny_config(_Tok()))
-        if lora_r:   # the actor module: the policy base with the actor's adapter and one adapter per critic
+        if lora_r:   # the actor module: the policy base with the actor's adapter and one adapter per critic (one for both when shared)
             actor = apply_lora(actor, r=8, alpha=16, dropout=0.0, targets="all-linear", task="CAUSAL_LM")
-            for name in ("reward_critic", "cost_critic"):
+            for name in (("critic",) if shared else ("reward_critic", "cost_critic")):
                 actor.add_adapter(name, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
         copy = 4 * _numel(actor)
         for r, o in zip(rows, off):
