@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from safealign.data.encode import encode, encode_pairs, split_by_prompt
+from safealign.data.encode import encode, encode_pairs, encode_responses, split_by_prompt
 from safealign.data.readers import read_rows
-from safealign.data.records import parse_hh_dialogue, rows_to_pairs
+from safealign.data.records import Pair, parse_hh_dialogue, rows_to_pairs
 from safealign.errors import BadInput
 
 ROWS = [
@@ -161,9 +161,18 @@ def test_truncation_keeps_eos_and_cuts_prompt_first():
     assert not encode(CharTok(), "ab", "cd", max_length=16).truncated
 
 
-def test_encode_pairs_counts_truncation_and_drops_pairs_made_identical():
-    from safealign.data.records import Pair
+def test_an_over_long_pair_keeps_one_prompt_cut_for_both_sides():
+    # budget 15 = 16 - EOS; the longer response (8) leaves 7 prompt tokens, and the shorter side gets
+    # the same 7 (cut alone it would keep 12 and start elsewhere): one context, a common start
+    c, r = encode_responses(CharTok(), "abcdefghijklmnopqrst", ["x" * 3, "y" * 8], max_length=16)
+    assert c.ids[:7] == r.ids[:7] == [ord(ch) for ch in "nopqrst"] and c.prompt_len == r.prompt_len == 7
+    assert c.truncated and r.truncated and len(c.ids) == 11 and len(r.ids) == 16
+    assert encode(CharTok(), "abcdefghijklmnopqrst", "x" * 3, max_length=16).ids[:12] == [ord(ch) for ch in "ijklmnopqrst"]
+    (e,) = encode_pairs(CharTok(), [Pair(["abcdefghijklmnopqrst"], "xxx", "yyyyyyyy")], "raw", max_length=16)[0]
+    assert e.diverge >= 7                                                        # the shared-prefix forward applies
 
+
+def test_encode_pairs_counts_truncation_and_drops_pairs_made_identical():
     pairs = [Pair(["p" * 30], "same start x", "same start y"), Pair(["q"], "a", "b")]
     out, counts = encode_pairs(CharTok(), pairs, "raw", max_length=12)
     assert counts["truncated_pairs"] == 1 and counts["identical_after_truncation"] == 1 and len(out) == 1
@@ -171,8 +180,6 @@ def test_encode_pairs_counts_truncation_and_drops_pairs_made_identical():
 
 
 def test_split_by_prompt_is_disjoint_and_seeded():
-    from safealign.data.records import Pair
-
     pairs = [Pair([f"prompt {i % 10}"], f"a{i}", f"b{i}") for i in range(40)]
     tr, ev = split_by_prompt(pairs, 0.2, seed=3)
     assert {p.prompt[0] for p in tr}.isdisjoint({p.prompt[0] for p in ev}) and len(ev) == 8

@@ -1,7 +1,8 @@
 """The shared-prefix pair forward of train-rm/train-cost (TokenScorer with prefix_ids, preference.collate_shared):
 the common start of chosen and rejected runs once and both continuations attend to its keys/values.
-It must give the end scores and the gradients of two full forwards, for left-padded prefixes of
-different lengths, pairs that differ at their last token, and a LoRA-wrapped model."""
+It must give the end scores and the gradients of two full forwards, for right- and left-padded prefixes
+of different lengths, pairs that differ at their last token, and a LoRA-wrapped model. Right-padded
+inputs run the backbone without a mask (causal attention alone): that must equal each row run alone."""
 
 from __future__ import annotations
 
@@ -67,6 +68,44 @@ def test_shared_prefix_forward_equals_full_forward(lora):
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_causal_suffices_only_for_real_tokens_then_padding():
+    from safealign.models.score import causal_suffices
+
+    assert causal_suffices(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not causal_suffices(torch.tensor([[1, 1, 1], [0, 1, 1]]))               # left padding
+    assert not causal_suffices(torch.tensor([[1, 0, 1]]))                          # a hole
+
+
+def test_mask_free_right_padded_forward_equals_each_row_alone_and_the_masked_path():
+    from safealign.models.generation import pad
+
+    scorer = _scorer()
+    rows = [p.chosen for p in _pairs(40, eos=2)]
+    alone = torch.stack([scorer(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long))[1][0] for r in rows])
+    right = scorer(*pad(rows, 0))[1]                                                # no mask: causal path
+    left = scorer(*pad(rows, 0, side="left"))[1]                                    # mask + positions
+    assert torch.allclose(right, alone, atol=1e-5) and torch.allclose(left, alone, atol=1e-5)
+    grads = []
+    for side in ("right", "left"):
+        scorer.zero_grad()
+        scorer(*pad(rows, 0, side=side))[1].pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in scorer.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-5, rtol=1e-4), n
+
+
+def test_left_padded_prefixes_give_the_right_padded_end_scores():
+    from safealign.models.generation import pad
+
+    scorer = _scorer()
+    batch = _pairs(40, eos=2)
+    shared = collate_shared(batch, 0)
+    left_ids, left_mask = pad([e.chosen[:e.diverge] for e in batch], 0, side="left")
+    right = scorer(shared["input_ids"], shared["attention_mask"], shared["prefix_ids"], shared["prefix_mask"])[1]
+    left = scorer(shared["input_ids"], shared["attention_mask"], left_ids, left_mask)[1]
+    assert torch.allclose(right, left, atol=1e-5)
 
 
 def test_training_batches_use_the_shared_form_only_where_exact():

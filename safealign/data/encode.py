@@ -24,17 +24,24 @@ def encode(tok, prompt_text: str, response_text: str, max_length: int) -> Encode
     then response tokens from the right; the EOS is always kept, so the end score is always read
     at an EOS the model has seen in training.
     """
+    return encode_responses(tok, prompt_text, [response_text], max_length)[0]
+
+
+def encode_responses(tok, prompt_text: str, response_texts: list[str], max_length: int) -> list[Encoded]:
+    """:func:`encode` for several responses to one prompt, with one prompt cut for all of them: the cut
+    the longest response needs. Every response is then judged after the same context, and the two
+    sides of a pair keep their common start (which the shared-prefix forward runs once); cut per side,
+    an over-long pair would start at different tokens and share nothing."""
     p = tok(prompt_text, add_special_tokens=True)["input_ids"]
     if p and p[-1] == tok.eos_token_id:
         p = p[:-1]
-    r = tok(response_text, add_special_tokens=False)["input_ids"]
+    rs = [tok(r, add_special_tokens=False)["input_ids"] for r in response_texts]
     budget = max_length - 1
-    truncated = len(p) + len(r) > budget
-    if truncated:
-        keep_p = max(budget - len(r), min(len(p), budget // 4))
-        p = p[len(p) - keep_p:]
-        r = r[: budget - len(p)]
-    return Encoded(p + r + [tok.eos_token_id], len(p), truncated)
+    longest = max(len(r) for r in rs)
+    keep_p = len(p) if len(p) + longest <= budget else max(budget - longest, min(len(p), budget // 4))
+    kept = p[len(p) - keep_p:]
+    room = budget - keep_p
+    return [Encoded(kept + r[:room] + [tok.eos_token_id], keep_p, keep_p < len(p) or len(r) > room) for r in rs]
 
 
 @dataclass
@@ -57,8 +64,7 @@ def encode_pairs(tok, pairs: list[Pair], template: str, max_length: int) -> tupl
     out, counts = [], Counter()
     for pair in pairs:
         prompt = format_prompt(pair.prompt, template, tok)
-        c = encode(tok, prompt, format_response(pair.chosen, template), max_length)
-        r = encode(tok, prompt, format_response(pair.rejected, template), max_length)
+        c, r = encode_responses(tok, prompt, [format_response(pair.chosen, template), format_response(pair.rejected, template)], max_length)
         counts["truncated_pairs"] += int(c.truncated or r.truncated)
         if c.ids == r.ids:
             counts["identical_after_truncation"] += 1

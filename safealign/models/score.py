@@ -42,6 +42,23 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def causal_suffices(attention_mask: torch.Tensor) -> bool:
+    """True when every row is real tokens then padding (right padding, or none). Causal attention alone
+    then gives every real token exactly the keys the mask would (padding comes after it), so the
+    backbone may run without a mask: the kernel's causal path, and no [B, 1, L, L] mask built per
+    forward. Padded positions' outputs change, and nothing reads them.   attention_mask [B, L]"""
+    return bool(attention_mask[:, 0].all()) and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def attention_inputs(attention_mask: torch.Tensor) -> dict:
+    """The mask and positions to run a model with (every forward over padded rows takes them from here):
+    none when causal attention suffices (positions 0..L-1 are then every row's own), else the mask and
+    positions counted over attended tokens (as generate() counts them for left-padded prompts)."""
+    if causal_suffices(attention_mask):
+        return {}
+    return {"attention_mask": attention_mask, "position_ids": position_ids_from_mask(attention_mask)}
+
+
 class TokenScorer(nn.Module):
     """forward(input_ids [B,L], attention_mask [B,L]) -> (scores [B,L] fp32, end_scores [B], end_index [B]).
 
@@ -54,7 +71,7 @@ class TokenScorer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_ids: torch.Tensor | None = None,
                 prefix_mask: torch.Tensor | None = None):
-        """With ``prefix_ids`` [B', Lp] (left-padded) and its mask: ``input_ids`` [k*B', L] are continuations
+        """With ``prefix_ids`` [B', Lp] (right- or left-padded) and its mask: ``input_ids`` [k*B', L] are continuations
         of those prefixes (row j continues prefix j % B', right-padded), each prefix run once through the
         backbone and its keys/values shared by its continuations (chosen and rejected of a pair share their
         common start). Scores, end scores and end indices are then those of the continuation tokens; the
@@ -62,11 +79,9 @@ class TokenScorer(nn.Module):
         what follows it)."""
         bb = backbone(self.model)
         if prefix_ids is None:
-            hidden = bb(input_ids=input_ids, attention_mask=attention_mask,
-                        position_ids=position_ids_from_mask(attention_mask)).last_hidden_state               # [B, L, H]
+            hidden = bb(input_ids=input_ids, **attention_inputs(attention_mask)).last_hidden_state             # [B, L, H]
         else:
-            cache = bb(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=position_ids_from_mask(prefix_mask),
-                       use_cache=True).past_key_values                                                      # B' prefixes
+            cache = bb(input_ids=prefix_ids, use_cache=True, **attention_inputs(prefix_mask)).past_key_values   # B' prefixes
             rows = torch.arange(input_ids.shape[0], device=input_ids.device) % prefix_ids.shape[0]          # [B] continuation -> prefix
             cache.reorder_cache(rows)                                                                       # differentiable index_select
             start = prefix_mask.long().sum(-1)[rows]                                                        # [B] prefix lengths

@@ -23,7 +23,7 @@ from safealign.algorithms import rl as RL
 from safealign.errors import BadInput
 from safealign.models.generation import score_texts
 from safealign.models.loading import local_load
-from safealign.models.score import TokenScorer, backbone, position_ids_from_mask, score_head
+from safealign.models.score import TokenScorer, attention_inputs, backbone, score_head
 
 ACTOR = "default"            # peft's name for the first adapter: saved at adapter/ without a sub-folder
 
@@ -123,7 +123,7 @@ class Learner(nn.Module):
             if hidden is None or (self.lora and adapter != ran):
                 self._use(adapter)
                 bb = backbone(self.actor) if self.lora else self.trunk
-                hidden = bb(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).last_hidden_state   # [B, L, H]
+                hidden = bb(input_ids=ids, **attention_inputs(mask)).last_hidden_state   # [B, L, H]
                 ran = adapter
             out[name] = head(hidden).squeeze(-1).float()
         return out
@@ -163,9 +163,9 @@ def zero_head(hidden: int) -> nn.Linear:
 
 
 def causal_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
-    """Logits of a causal LM with positions counted over attended tokens (as generate() does for
-    left-padded prompts); ``keep`` > 0 computes the lm_head on the last ``keep`` positions only."""
-    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=keep).logits
+    """Logits of a causal LM (mask and positions: :func:`attention_inputs`); ``keep`` > 0 computes the
+    lm_head on the last ``keep`` positions only."""
+    return model(input_ids=ids, logits_to_keep=keep, **attention_inputs(mask)).logits
 
 
 class Judge:

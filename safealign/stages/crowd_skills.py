@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from safealign.algorithms import skills as S
 from safealign.config import CrowdSkillsConfig, to_dict
-from safealign.data.encode import encode
+from safealign.data.encode import encode_responses
 from safealign.data.prompts import prompt_text, read_prompts
 from safealign.data.records import fingerprint
 from safealign.data.templates import effective_template, format_prompt, format_response
@@ -79,9 +79,8 @@ def _encode(tok, pairs: list, template: str, max_length: int) -> list[SkillExamp
     out = []
     for p in pairs:
         prompt = format_prompt(p.prompt, template, tok)
-        c = encode(tok, prompt, format_response(p.chosen, template), max_length)
-        r = encode(tok, prompt, format_response(p.rejected, template), max_length)
-        if c.ids != r.ids and c.prompt_len == r.prompt_len:
+        c, r = encode_responses(tok, prompt, [format_response(p.chosen, template), format_response(p.rejected, template)], max_length)
+        if c.ids != r.ids:                                            # one prompt cut for both: equal prompt_len
             out.append(SkillExample(c.ids, r.ids, c.prompt_len, str(p.annotator)))
     return out
 

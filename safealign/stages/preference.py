@@ -51,10 +51,11 @@ def collate(batch: list[EncodedPair], pad_id: int) -> dict:
 
 def collate_shared(batch: list[EncodedPair], pad_id: int) -> dict:
     """As :func:`collate`, with the common start of chosen and rejected run once (TokenScorer's prefix
-    forward): prefix_ids [B, Lp] (left-padded), input_ids [2B, L] the two continuations (first B chosen).
+    forward): prefix_ids [B, Lp] (right-padded: the prefix forward then needs no mask), input_ids [2B, L]
+    the two continuations (first B chosen).
     For hh-style data, where both responses follow the same dialogue, that is the whole prompt."""
     keep = [e.diverge for e in batch]                                 # >= 1 (see shares_prefix), < len of each side
-    prefix_ids, prefix_mask = pad([e.chosen[:k] for e, k in zip(batch, keep)], pad_id, side="left")
+    prefix_ids, prefix_mask = pad([e.chosen[:k] for e, k in zip(batch, keep)], pad_id)
     ids, mask = pad([e.chosen[k:] for e, k in zip(batch, keep)] + [e.rejected[k:] for e, k in zip(batch, keep)], pad_id)
     out = collate_signs(batch)
     out.update(input_ids=ids, attention_mask=mask, prefix_ids=prefix_ids, prefix_mask=prefix_mask)
@@ -136,8 +137,9 @@ def score_pairs(acc, scorer, examples: list[EncodedPair], pad_id: int, batch_siz
         part = shard[i:i + batch_size]
         if not part:
             break
-        b = collate(part, pad_id)
-        _, end, _ = scorer(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device))
+        b = collate_shared(part, pad_id) if shares_prefix(part) else collate(part, pad_id)
+        prefix = {k: b[k].to(acc.device) for k in ("prefix_ids", "prefix_mask") if k in b}
+        _, end, _ = scorer(b["input_ids"].to(acc.device), b["attention_mask"].to(acc.device), **prefix)
         k = len(part)
         chosen.append(end[:k]), rejected.append(end[k:]), cs.append(b["chosen_sign"]), rs.append(b["rejected_sign"])
     local = torch.stack([torch.cat(chosen).float(), torch.cat(rejected).float(), torch.cat(cs).to(acc.device), torch.cat(rs).to(acc.device)], dim=1)

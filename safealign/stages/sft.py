@@ -26,6 +26,7 @@ from safealign.data.records import MAPPABLE, detect_format, fingerprint, rows_to
 from safealign.data.templates import effective_template, format_prompt, format_response
 from safealign.errors import BadInput
 from safealign.models.generation import pad
+from safealign.models.score import attention_inputs
 from safealign.runtime import plots, report
 from safealign.runtime.io import check_output_dir
 from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, resume_point, save_collectively, train_loop
@@ -171,7 +172,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Mean NLL over the micro-batch's response tokens (+ EOS); token accuracy as a stat."""
     dev = next(model.parameters()).device
-    logits = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    logits = model(input_ids=batch["input_ids"].to(dev), **attention_inputs(batch["attention_mask"].to(dev))).logits
     nll, correct, mask = token_nll(logits, batch["labels"].to(dev))
     n = mask.sum().clamp(min=1)
     return nll.sum() / n, {"token_accuracy": (correct.sum() / n).detach()}
@@ -189,7 +190,7 @@ def lm_eval(acc, model, examples: list[EncodedSFT], pad_id: int, batch_size: int
     for i in range(0, n_max, batch_size):
         part = shard[i:i + batch_size]
         b = collate(part, pad_id)
-        logits = model(input_ids=b["input_ids"].to(dev), attention_mask=b["attention_mask"].to(dev)).logits
+        logits = model(input_ids=b["input_ids"].to(dev), **attention_inputs(b["attention_mask"].to(dev))).logits
         nll, correct, mask = token_nll(logits, b["labels"].to(dev))
         w = (torch.arange(i, i + len(part), device=dev) < n_local).float()[:, None]   # [B, 1]
         sums += torch.stack([(nll * w).sum(), (correct * w).sum(), (mask * w).sum()])
