@@ -13,6 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
+from common import publish
+
 import torch
 
 
@@ -57,11 +59,7 @@ def main() -> None:
              "| implementation | s/step | vs default |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {s:.3f} | {s / base:.2f}x |" for name, s in rows]
     lines += ["", "safealign's `make_optimizer` uses the fused kernel wherever every parameter's device and dtype have one."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text)
+    publish(lines, a.out)
 
 
 if __name__ == "__main__":

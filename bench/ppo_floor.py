@@ -15,6 +15,8 @@ import statistics
 import time
 from pathlib import Path
 
+from common import publish
+
 import torch
 
 
@@ -67,10 +69,7 @@ def main() -> None:
     lines += ["", f"Train-phase floor per update (one epoch, one minibatch): actor + one critic {actor_fb + critic_fb:.2f} s (ppo, trl's PPO); "
               f"actor + two critic models {actor_fb + 2 * critic_fb:.2f} s (ppo-lag); actor + one shared critic backbone "
               f"{actor_fb + critic_fb:.2f} s (ppo-lag --shared-critic)."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        a.out.write_text(text)
+    publish(lines, a.out)
 
 
 if __name__ == "__main__":

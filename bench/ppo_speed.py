@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import publish
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEALIGN_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -161,10 +163,7 @@ def main() -> None:
     if base_mb:
         lines += [f"Peak memory on CPU is the process's peak RSS at the end of training; baseline = a process with the libraries "
                   f"imported and no model: {base_mb:.0f} MB.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from common import publish
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "SAFEALIGN_NO_PROGRESS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
@@ -293,11 +295,7 @@ def main() -> None:
             lines += ["", f"safealign ppo-lag / trl PPO time per update (generate + score + train): **{lag['phases'] / trl_ppo['phases']:.2f}x** "
                       f"(target <= 0.5x), with --shared-critic **{shared['phases'] / trl_ppo['phases']:.2f}x**; wall time per update: "
                       f"{lag['step'] / trl_ppo['step']:.2f}x and {shared['step'] / trl_ppo['step']:.2f}x.", ""]
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+    publish(lines, a.out)
 
 
 if __name__ == "__main__":

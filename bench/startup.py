@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import publish
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 1.0
 DECISION_TARGET_S = 2.0
@@ -128,11 +130,7 @@ def main() -> None:
     for title, imp in (("`safealign train-rm --help`", imports), ("`safety-test --costs-file`", imports_st)):
         lines += ["", f"Slowest top-level imports of {title} (`python -X importtime`, cumulative):", "",
                   "| module | seconds |", "| --- | --- |"] + [f"| {m} | {s:.3f} |" for m, s in imp]
-    text = "\n".join(lines) + "\n"
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text)
-    print(text)
+    publish(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import publish
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SAFEALIGN_NO_PROGRESS", "1")
@@ -193,9 +195,7 @@ def main() -> None:
     lines += ["", "Accuracy is on all eval pairs for every row (trl models scored by this script with safealign's encoding, max_length "
               f"{MAX_LEN}, over-long pairs truncated). trl's `max_length` filter drops a pair from training when either side is longer; "
               "safealign truncates it (the report's truncated_pairs) and trains on it."]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(lines, a.out)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import publish
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 BIN = Path(sys.executable).parent
@@ -84,11 +86,7 @@ def main() -> None:
               "s/update is the median of whole-step times, not the sum of the phase medians: with few measured steps on a shared 2-core "
               "machine they need not add up. The gather changes generate only; score and train run the same code in both rows (and the "
               "same samples: tests/test_distributed.py checks that a gathered and a sharded run give the same metrics and weights)."]
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+    publish(lines, a.out)
 
 
 if __name__ == "__main__":
