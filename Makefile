@@ -39,7 +39,7 @@ demo-check: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python bench/startup.py --out bench/results/startup.md
 	$(BIN)/python bench/train_rm_speed.py
-	$(BIN)/python bench/train_rm_real.py --epochs 2 --out bench/results/train_rm_real.md
+	$(BIN)/python bench/train_rm_real.py --epochs 2 --repeats 3 --out bench/results/train_rm_real.md
 	$(BIN)/python bench/optimizer_step.py --out bench/results/optimizer_step.md
 	$(BIN)/python bench/ppo_vs_peers.py --sizes tiny,20m --steps 5 --grpo --out bench/results/ppo_vs_peers.md
 	$(BIN)/python bench/ppo_floor.py --out bench/results/ppo_floor.md

@@ -6,7 +6,7 @@ safealign `grpo-lag` against trl 1.16 `GRPOTrainer` with reward_funcs=[reward mo
 and reward_weights [1, -lambda] set by a dual-ascent callback (--grpo).
 
     flock /tmp/safealign-cpu.lock .venv/bin/python bench/ppo_vs_peers.py [--sizes tiny,20m] [--steps 5] [--grpo] \
-        [--out bench/results/ppo_vs_peers.md]
+        [--dtype bf16] [--out bench/results/ppo_vs_peers.md]
 
 Each configuration runs in its own process (peak RSS is its own): seconds per update split into
 generate / score / train (median over the updates after the first), and peak RSS.
@@ -14,8 +14,8 @@ generate / score / train (median over the updates after the first), and peak RSS
 - safealign: the `safealign ppo-lag` CLI; the split is its metrics.jsonl (time/generate, time/score,
   time/train).
 - trl PPO: `trl.experimental.ppo.PPOTrainer` with policy, reference, reward and value models loaded
-  from the same files (the value model from the reward model, as safealign's critics), fp32, no
-  gradient checkpointing, the same number of PPO epochs and minibatches, stop at EOS. Its train()
+  from the same files (the value model from the reward model, as safealign's critics), fp32 (or
+  bf16=True with --dtype bf16: mixed precision, as safealign's --dtype bf16), no gradient checkpointing, the same number of PPO epochs and minibatches, stop at EOS. Its train()
   has no timers: the split is taken by wrapping its module-level `batch_generation` (generate) and
   `forward` (the first call with gradients enabled starts the training phase) and an `on_step_end`
   callback.
@@ -74,7 +74,7 @@ def safealign_run(paths: dict, out: Path, algorithm: str, a, *extra) -> dict:
     cmd = [sys.executable, "-m", "safealign", "ppo-lag", "--algorithm", algorithm, "--model", paths["policy"], "--reward-model", paths["rm"],
            "--data", paths["data"], "--output-dir", out, "--max-steps", a.steps, "--batch-size", a.batch_size,
            "--max-new-tokens", a.max_new_tokens, "--ppo-epochs", a.ppo_epochs, "--minibatches", 1, "--save-steps", 0, "--eval-split", 0,
-           "--temperature", 1.0, "--lr", LR, "--seed", 0]
+           "--temperature", 1.0, "--lr", LR, "--seed", 0, "--dtype", a.dtype]
     if algorithm in ("ppo-lag", "grpo-lag"):
         cmd += ["--cost-model", paths["cm"]]
     if algorithm.startswith("grpo"):
@@ -153,7 +153,7 @@ def trl_ppo_worker(paths: dict, a) -> dict:
     value = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1)
     args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size, num_mini_batches=1, num_ppo_epochs=a.ppo_epochs,
                      total_episodes=a.batch_size * a.steps, local_rollout_forward_batch_size=a.batch_size, response_length=a.max_new_tokens,
-                     temperature=1.0, stop_token="eos", learning_rate=LR, bf16=False, gradient_checkpointing=False, use_cpu=True,
+                     temperature=1.0, stop_token="eos", learning_rate=LR, bf16=a.dtype == "bf16", gradient_checkpointing=False, use_cpu=True,
                      report_to="none", save_strategy="no", num_sample_generations=0, logging_steps=1000, seed=0, disable_tqdm=True)
 
     class Clock(TrainerCallback):
@@ -189,7 +189,7 @@ def trl_grpo_worker(paths: dict, a) -> dict:
     rm = AutoModelForSequenceClassification.from_pretrained(paths["rm"], num_labels=1)
     cm = AutoModelForSequenceClassification.from_pretrained(paths["cm"], num_labels=1)
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch_size * a.group_size, num_generations=a.group_size,
-                      max_completion_length=a.max_new_tokens, temperature=1.0, learning_rate=LR, bf16=False, gradient_checkpointing=False,
+                      max_completion_length=a.max_new_tokens, temperature=1.0, learning_rate=LR, bf16=a.dtype == "bf16", gradient_checkpointing=False,
                       use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, max_steps=a.steps, seed=0, beta=0.0,
                       reward_weights=[1.0, -1.0], disable_tqdm=True, num_iterations=a.ppo_epochs)
     times: list[float] = []
@@ -223,7 +223,7 @@ def run_trl(kind: str, paths: dict, a, trl_dir: Path | None) -> dict:
         env["PYTHONPATH"] = f"{trl_dir}{os.pathsep}{REPO}"
     cmd = [sys.executable, __file__, "--worker", kind, json.dumps({k: str(v) for k, v in paths.items()}), "--steps", str(a.steps),
            "--batch-size", str(a.batch_size), "--max-new-tokens", str(a.max_new_tokens), "--ppo-epochs", str(a.ppo_epochs),
-           "--group-size", str(a.group_size)]
+           "--group-size", str(a.group_size), "--dtype", a.dtype]
     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
     if res.returncode or not line:
@@ -242,6 +242,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--ppo-epochs", type=int, default=1)
     ap.add_argument("--group-size", type=int, default=4)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="precision of every configuration: safealign --dtype, trl's bf16 flag (mixed precision on both sides)")
     ap.add_argument("--grpo", action="store_true", help="also grpo-lag vs trl GRPOTrainer")
     ap.add_argument("--trl-ppo", type=Path, default=None, help="an unpacked trl 1.12.0 (default: .bench/trl-1.12.0, made on first use)")
     ap.add_argument("--out", type=Path, default=None)
@@ -258,7 +260,7 @@ def main() -> None:
 
     lines = ["# RL update time: safealign vs trl", "",
              f"Command: `flock /tmp/safealign-cpu.lock .venv/bin/python bench/ppo_vs_peers.py {' '.join(sys.argv[1:])}`", "",
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; fp32; batch {a.batch_size} prompts, "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads; {a.dtype}; batch {a.batch_size} prompts, "
              f"{a.max_new_tokens} new tokens (T=1), {a.ppo_epochs} PPO epoch(s) x 1 minibatch; {a.steps} updates per run, median of updates 2..{a.steps}; "
              "each configuration a fresh process. Random-init Llamas (speed does not depend on what the weights say): policy, reference, "
              "reward and cost models of one size; the critics start from the reward model (safealign's default; trl's value model likewise).", ""]
