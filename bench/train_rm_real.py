@@ -108,7 +108,7 @@ def worker(kind: str, tmp: Path, epochs: float) -> dict:
         from safealign.config import RewardConfig, build_config
         from safealign.stages.preference import run_reward
 
-        out = tmp / kind.replace(" ", "-")
+        out = Path(tempfile.mkdtemp(dir=tmp, prefix=kind.replace(" ", "-") + "-")) / "run"   # a new directory every round
         cfg = build_config(RewardConfig, None, {"model": base, "data": str(tmp / "train.jsonl"), "eval_data": str(tmp / "eval.jsonl"),
                                                 "output_dir": str(out), "epochs": epochs, "batch_size": BATCH, "lr": LR, "max_length": MAX_LEN,
                                                 "log_steps": 1000, "save_steps": 0, "dtype": "fp32", "invalid_rows": "skip", "group_by_length": kind == "safealign"})
@@ -126,7 +126,7 @@ def worker(kind: str, tmp: Path, epochs: float) -> dict:
     pairs = json.loads((tmp / "train_texts.json").read_text())
     model = load_score_model(base, tok, dtype="fp32", head="new")
     extra = {} if kind == "trl defaults" else {"bf16": False, "gradient_checkpointing": False}
-    args = TRLConfig(output_dir=str(tmp / kind.replace(" ", "-")), per_device_train_batch_size=BATCH, num_train_epochs=epochs, max_length=MAX_LEN,
+    args = TRLConfig(output_dir=tempfile.mkdtemp(dir=tmp, prefix=kind.replace(" ", "-") + "-"), per_device_train_batch_size=BATCH, num_train_epochs=epochs, max_length=MAX_LEN,
                      use_cpu=True, report_to="none", save_strategy="no", learning_rate=LR, logging_steps=1000, disable_tqdm=True, seed=42, **extra)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
     kept = len(trainer.train_dataset)
