@@ -58,13 +58,19 @@ def _sign(unsafe: bool | None) -> int:
     return 0 if unsafe is None else (1 if unsafe else -1)
 
 
+def encode_pair_sides(tok, pair: Pair, template: str, max_length: int) -> tuple[Encoded, Encoded]:
+    """Chosen and rejected of one pair after its formatted prompt, one prompt cut for both
+    (:func:`encode_responses`). ``template``: an effective template (:func:`effective_template`)."""
+    prompt = format_prompt(pair.prompt, template, tok)
+    return tuple(encode_responses(tok, prompt, [format_response(pair.chosen, template), format_response(pair.rejected, template)], max_length))
+
+
 def encode_pairs(tok, pairs: list[Pair], template: str, max_length: int) -> tuple[list[EncodedPair], Counter]:
     """Encode pairs; counts truncations, and drops (counting) pairs made identical by truncation."""
     template = effective_template(template, tok)
     out, counts = [], Counter()
     for pair in pairs:
-        prompt = format_prompt(pair.prompt, template, tok)
-        c, r = encode_responses(tok, prompt, [format_response(pair.chosen, template), format_response(pair.rejected, template)], max_length)
+        c, r = encode_pair_sides(tok, pair, template, max_length)
         counts["truncated_pairs"] += int(c.truncated or r.truncated)
         if c.ids == r.ids:
             counts["identical_after_truncation"] += 1

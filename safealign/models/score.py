@@ -46,8 +46,9 @@ def causal_suffices(attention_mask: torch.Tensor) -> bool:
     """True when every row is real tokens then padding (right padding, or none). Causal attention alone
     then gives every real token exactly the keys the mask would (padding comes after it), so the
     backbone may run without a mask: the kernel's causal path, and no [B, 1, L, L] mask built per
-    forward. Padded positions' outputs change, and nothing reads them.   attention_mask [B, L]"""
-    return bool(attention_mask[:, 0].all()) and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    forward. Padded positions' outputs change, and nothing reads them.   attention_mask [B, L]
+    (One reduction, so one host sync per forward on an accelerator.)"""
+    return bool((attention_mask[:, :1].bool() & (attention_mask[:, 1:] <= attention_mask[:, :-1]).all(-1, keepdim=True)).all())
 
 
 def attention_inputs(attention_mask: torch.Tensor) -> dict:

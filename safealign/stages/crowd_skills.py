@@ -26,10 +26,10 @@ import torch.nn as nn
 
 from safealign.algorithms import skills as S
 from safealign.config import CrowdSkillsConfig, to_dict
-from safealign.data.encode import encode_responses
+from safealign.data.encode import encode_pair_sides
 from safealign.data.prompts import prompt_text, read_prompts
 from safealign.data.records import fingerprint
-from safealign.data.templates import effective_template, format_prompt, format_response
+from safealign.data.templates import effective_template
 from safealign.errors import BadInput
 from safealign.models.generation import encode_prompts, pad
 from safealign.models.skills import ZPrefix, load_zprefix, prefix_logits, response_logprob, sample_with_prefix, save_zprefix
@@ -78,8 +78,7 @@ def _encode(tok, pairs: list, template: str, max_length: int) -> list[SkillExamp
     template = effective_template(template, tok)
     out = []
     for p in pairs:
-        prompt = format_prompt(p.prompt, template, tok)
-        c, r = encode_responses(tok, prompt, [format_response(p.chosen, template), format_response(p.rejected, template)], max_length)
+        c, r = encode_pair_sides(tok, p, template, max_length)
         if c.ids != r.ids:                                            # one prompt cut for both: equal prompt_len
             out.append(SkillExample(c.ids, r.ids, c.prompt_len, str(p.annotator)))
     return out

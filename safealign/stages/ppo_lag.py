@@ -76,7 +76,8 @@ def run(cfg: PPOLagConfig) -> dict:
         lam, pg_cost, lag_stats = r.constraint.update(acc, exp.cost, step)
 
         # ---- 4. shape: per-token reward (and cost) streams, with the KL when it is in the reward -
-        kl = RL.kl_estimate(exp.old_logp, exp.ref_logp, kl_kind) * exp.mask                        # [B, T]
+        kl = (RL.kl_estimate(exp.old_logp, exp.ref_logp, kl_kind) * exp.mask if exp.ref_logp is not None
+              else torch.zeros_like(exp.old_logp))                                                   # [B, T]; 0 without a reference
         streams = shape_streams(exp, kl, lam, pg_cost, algo, cfg, kl_in_reward)
 
         # ---- 5. advantages per stream, then the Lagrangian advantage ---------------------------
@@ -112,7 +113,20 @@ def run(cfg: PPOLagConfig) -> dict:
     seconds = time.perf_counter() - t_run
     train_peak_mb = peak_memory_mb()  # high-water mark of the training loop (saving loads extra copies)
 
-    # ---- final evaluation, save, reload check, report --------------------------------------------
+    summary = conclude(r, log, exp, last, start, seconds, train_peak_mb)
+    finish(acc)
+    return summary
+
+
+# =============================================================================================
+# Around the loop
+# =============================================================================================
+
+
+def conclude(r: RLRun, log, exp, last: dict, start: int, seconds: float, train_peak_mb: float) -> dict:
+    """After the loop: the final evaluation, the saved policy, its reload check, the summary, plots and
+    report (the summary on the main process, {} elsewhere)."""
+    acc, cfg, algo = r.acc, r.cfg, r.algo
     if r.eval_ids:
         final_eval = evaluate(acc, r.learner_u, r.tok, r.reward, r.cost, r.eval_prompts, r.eval_ids, cfg, r.frozen, r.synced, r.learner)
         last = {**last, **final_eval}
@@ -131,13 +145,7 @@ def run(cfg: PPOLagConfig) -> dict:
         summary["ranks_in_sync"] = in_sync
         make_plots(r.out, rows, cfg)
         report.write(r.out, summary, title=f"safealign ppo-lag --algorithm {cfg.algorithm}", intro=algo.summary)
-    finish(acc)
     return summary
-
-
-# =============================================================================================
-# Around the loop
-# =============================================================================================
 
 
 def ptx_batches(r: RLRun):
@@ -175,7 +183,7 @@ def step_metrics(r: RLRun, exp: Experience, kl: torch.Tensor, streams: dict, adv
     lengths = m.sum(dim=1)                                                                  # [B]
     local = {
         "reward": exp.reward.mean(), "reward_with_kl": streams["reward"].sum(dim=1).mean(),
-        "kl": kl.sum(dim=1).mean(), "entropy": RL.masked_mean(exp.entropy, m),
+        **({"kl": kl.sum(dim=1).mean()} if exp.ref_logp is not None else {}), "entropy": RL.masked_mean(exp.entropy, m),
         "response_length": lengths.mean(), "eos_rate": exp.eos_hit.float().mean(),
         "advantage_mean": RL.masked_mean(advantage, m),
         **{f"{name}_value_mean": RL.masked_mean(v, m) for name, v in exp.old_values.items()},
@@ -231,7 +239,7 @@ def make_summary(r: RLRun, rows: list[dict], last: dict, start: int, reload: dic
         "stage": "ppo-lag", "algorithm": cfg.algorithm, "constraint_type": cfg.constraint, "output_dir": str(r.out),
         "model": cfg.model, "steps": r.total, "resumed_from_step": start or None, "world_size": r.acc.num_processes,
         "mode": f"LoRA r={cfg.lora_r}" if cfg.lora_r else "full fine-tuning", "lr": r.lr, "critic_lr": r.critic_lr,
-        "algorithm_spec": {"roles": list(algo.roles), "advantage": cfg.advantage_name(), "policy_loss": algo.policy_loss, "cost": algo.cost,
+        "algorithm_spec": {"roles": [x for x in algo.roles if x != "reference" or cfg.uses_reference()], "advantage": cfg.advantage_name(), "policy_loss": algo.policy_loss, "cost": algo.cost,
                            "kl": "in the reward" if cfg.kl_in_reward() else "as a loss term", "kl_estimator": cfg.kl_kind(),
                            "responses_per_prompt": r.group_size},
         "lambda": {"init": cfg.lambda_init, "final": lam_hist[-1] if lam_hist else None, "max_seen": max(lam_hist) if lam_hist else None,
