@@ -275,6 +275,8 @@ def main() -> None:
             rows["trl 1.12 experimental PPOTrainer (one critic)"] = run_trl("ppo", paths, a, trl_dir)
             if a.grpo:
                 rows[f"safealign grpo-lag (G={a.group_size}, no critic)"] = safealign_run(paths, Path(tmp) / f"{size}-grpo", "grpo-lag", a)
+                rows[f"safealign grpo-lag --kl-coeff 0 (G={a.group_size}, no reference: trl's beta=0)"] = safealign_run(
+                    paths, Path(tmp) / f"{size}-grpo-kl0", "grpo-lag", a, "--kl-coeff", 0)
                 rows[f"trl 1.16 GRPOTrainer [rm, cm] x [1, -lambda] (G={a.group_size})"] = run_trl("grpo", paths, a, trl_dir)
             for k, v in rows.items():
                 print(size, k, v, flush=True)
@@ -291,8 +293,11 @@ def main() -> None:
                 lines.append(f"| {k} | {f('phases')} | {f('generate')} | {f('score')} | {f('train')} | {f('step')} | {r['peak_rss_mb']:.0f} | {ratio} |")
             if a.grpo:
                 g, t = rows[f"safealign grpo-lag (G={a.group_size}, no critic)"], rows[f"trl 1.16 GRPOTrainer [rm, cm] x [1, -lambda] (G={a.group_size})"]
-                lines += ["", f"grpo-lag vs trl GRPOTrainer: {g['step'] / t['step']:.2f}x the wall time per update ({a.batch_size} prompts x {a.group_size}; "
-                          "trl's GRPO has no phase split here: wall time from on_step_begin to on_step_end)."]
+                g0 = rows[f"safealign grpo-lag --kl-coeff 0 (G={a.group_size}, no reference: trl's beta=0)"]
+                lines += ["", f"grpo-lag vs trl GRPOTrainer: {g['step'] / t['step']:.2f}x the wall time per update with safealign's KL 0.01 "
+                          f"(a reference forward trl does not make), **{g0['step'] / t['step']:.2f}x** with --kl-coeff 0 (the same work as trl's "
+                          f"beta=0: no reference) ({a.batch_size} prompts x {a.group_size}; trl's GRPO has no phase split here: wall time from "
+                          "on_step_begin to on_step_end)."]
             shared = rows["safealign ppo-lag --shared-critic (reward + cost heads on one critic)"]
             lines += ["", f"safealign ppo-lag / trl PPO time per update (generate + score + train): **{lag['phases'] / trl_ppo['phases']:.2f}x** "
                       f"(target <= 0.5x), with --shared-critic **{shared['phases'] / trl_ppo['phases']:.2f}x**; wall time per update: "

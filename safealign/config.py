@@ -352,7 +352,7 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
     advantage: str = opt("auto", "Advantage estimator (safealign/algorithms/advantages.py): gae (with the critics: ppo, ppo-lag, reward-shaping), or for the critic-free grpo algorithms group ((R - group mean) / group std, GRPO), group-batch (group-centred, divided by the batch std of the centred returns), group-mean (R - group mean, Dr. GRPO), rloo (leave-one-out); auto = the algorithm's.")
     kl_in: str = opt("auto", "Where the KL to the reference goes: reward (a per-token penalty on the reward stream and bonus on the cost stream, Safe RLHF), loss (kl_coeff x KL as a loss term, GRPO), or auto (reward for ppo*, loss for grpo*).", choices=("auto", "reward", "loss"))
     no_eos_penalty: float | None = opt(None, "Responses that hit --max-new-tokens without EOS are scored as generated (EOS appended for the score models); a value here replaces their reward by this number instead.")
-    kl_coeff: float = opt(0.01, "beta: weight of the KL to the reference (per-token penalty on the reward stream and bonus on the cost stream, or the KL loss term with --kl-in loss).")
+    kl_coeff: float = opt(0.01, "beta: weight of the KL to the reference (per-token penalty on the reward stream and bonus on the cost stream, or the KL loss term with --kl-in loss). 0: no KL, so no reference model is loaded or run (and no kl metric), as trl's GRPO beta=0.")
     kl_estimator: str = opt("auto", "Per-token KL estimator: k1 (log-ratio), k3 ((r - 1) - log r, >= 0), auto (k1 in the reward, k3 as a loss term).", choices=("auto", "k1", "k3"))
     clip_range_score: float = opt(50.0, "Per-token reward/cost clipping.")
     gamma: float = opt(1.0, "Discount factor of GAE.")
@@ -461,6 +461,10 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
 
     def kl_kind(self) -> str:
         return self.kl_estimator if self.kl_estimator != "auto" else "k1" if self.kl_in_reward() else "k3"
+
+    def uses_reference(self) -> bool:
+        """Whether the run needs the reference policy: only for the KL, so not with --kl-coeff 0."""
+        return self.kl_coeff > 0
 
 
 @help_panels("SFT")

@@ -396,6 +396,7 @@ class Stage:
     reward_critic: str | None = None
     cost_critic: str | None = None
     shared_critic: bool = False
+    reference: bool = True    # ppo-lag: a reference policy (not with kl_coeff 0: PPOLagConfig.uses_reference)
     tiny: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -454,6 +455,7 @@ def read_stage(cfg) -> Stage:
         st.reward_model, st.cost_model = sc.reward_model, sc.cost_model
         st.reward_critic, st.cost_critic = sc.reward_critic, sc.cost_critic
         st.shared_critic = sc.shared_critic
+        st.reference = sc.uses_reference()
         st.zero3_gather = sc.zero3_gather
         div = sc.minibatches * sc.grad_accum
         st.micro_batch = max(1, batch * st.group_size // div)
@@ -533,7 +535,8 @@ def build_roles(st: Stage, dims: Dims, *, lora_r: int, dtype: str, attention: st
         roles.append(Role("policy base", "causal", param_count(dims, "lm"), 0,
                           "frozen; shared by actor, critics and reference (adapters disabled)"))
         roles.append(Role("actor", "causal", adapter, adapter, f"LoRA r={lora_r}", act=acts(dims, "actor", T + 1), kv_cache=kv))
-        roles.append(Role("reference", "causal", 0, 0, "= policy base, adapters disabled"))
+        if st.reference:
+            roles.append(Role("reference", "causal", 0, 0, "= policy base, adapters disabled"))
         if st.shared_critic and critics:   # one adapter, a value head per stream
             n = adapter + len(critics) * dims.hidden
             roles.append(Role(f"{' + '.join(critics)} critic (shared)", "score", n, n,
@@ -544,7 +547,8 @@ def build_roles(st: Stage, dims: Dims, *, lora_r: int, dtype: str, attention: st
     else:
         roles.append(Role("actor", "causal", param_count(dims, "lm"), param_count(dims, "lm"), "trained",
                           act=acts(dims, "actor", T + 1), kv_cache=kv))
-        roles.append(Role("reference", "causal", param_count(dims, "lm"), 0, "frozen"))
+        if st.reference:
+            roles.append(Role("reference", "causal", param_count(dims, "lm"), 0, "frozen"))
         if st.shared_critic and critics:   # the reward critic's backbone + a value head per stream
             cd = _aux_dims(st.reward_critic, rm, "reward critic", st.notes, st.tiny) if st.reward_critic else rm
             n = param_count(cd, "score") + (len(critics) - 1) * cd.hidden

@@ -343,3 +343,18 @@ def test_recipe_can_turn_the_gather_off(tmp_path):
     assert z3(on)["rollout_gathered_learner"] == 2 * P.param_count(P.resolve_dims("llama-7b"), "lm")   # bf16 copy of the 7B actor
     assert z3(off)["rollout_gathered_learner"] == 0 and z3(on)["rollout"] > z3(off)["rollout"]
     assert "gathered once per rollout" in P.render(on) and "gathered once per rollout" not in P.render(off)
+
+
+def test_recipe_with_kl_coeff_0_plans_no_reference(tmp_path):
+    """kl_coeff 0: ppo-lag loads no reference policy (PPOLagConfig.uses_reference), so the plan counts none."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("algorithm: grpo-lag\nkl_coeff: 0\n")
+    st = P.read_stage(_cfg(config=str(recipe), model="llama-7b", stage="ppo-lag", gpus=8, gpu_mem="80GB", seq_len=512))
+    assert st.reference is False
+    dims = P.resolve_dims("llama-7b")
+    roles = P.build_roles(st, dims, lora_r=0, dtype="bf16", attention="sdpa")
+    assert [r.name for r in roles] == ["actor", "reward model", "cost model"]
+    assert sum(r.params for r in roles) == P.param_count(dims, "lm") + 2 * P.param_count(dims, "score")
+    assert "reference" not in [r.name for r in P.build_roles(st, dims, lora_r=16, dtype="bf16", attention="sdpa")]
+    recipe.write_text("algorithm: grpo-lag\n")
+    assert P.read_stage(_cfg(config=str(recipe), model="llama-7b", stage="ppo-lag", gpus=8, gpu_mem="80GB", seq_len=512)).reference

@@ -544,6 +544,46 @@ def test_score_phase_shortcuts_change_no_number(cli, mw, tmp_path, monkeypatch):
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), (k, a[k], b[k])
 
 
+@pytest.mark.parametrize("algorithm, extra", [("grpo-lag", ()), ("ppo-lag", ("--lora-r", "4", "--lr", "5e-3"))])
+def test_kl_coeff_0_runs_no_reference_and_changes_no_number(cli, mw, tmp_path, monkeypatch, algorithm, extra):
+    """--kl-coeff 0: no reference policy is loaded (full fine-tuning) or run (either mode; LoRA's is the
+    base with adapters off), no kl metric is logged, and every number equals a run that still makes the
+    reference forward with a zero coefficient (the reference only ever enters through the KL)."""
+    import safealign.config as C
+    import safealign.models.loading as L
+    import safealign.rl.experience as E
+    import safealign.rl.roles as R
+
+    def args(out):
+        return (grpo_args(mw, out) if algorithm == "grpo-lag" else base_args(mw, out)) + ["--max-steps", "3", "--kl-coeff", "0", *extra]
+
+    loads, ref_forwards = [], []
+    real_load, real_logits, real_ref = L.load_causal_lm, E.causal_logits, R.Learner.reference_logits
+    monkeypatch.setattr(L, "load_causal_lm", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
+    monkeypatch.setattr(E, "causal_logits", lambda *a, **k: ref_forwards.append(1) or real_logits(*a, **k))
+    monkeypatch.setattr(R.Learner, "reference_logits", lambda *a, **k: ref_forwards.append(1) or real_ref(*a, **k))
+    assert cli(*args(tmp_path / "none")) == 0
+    policy_loads = loads.count(str(mw["policy"]))
+    assert not ref_forwards
+    report = json.loads((tmp_path / "none" / "report.json").read_text())
+    assert "reference" not in report["algorithm_spec"]["roles"] and report["roles"]["reference"].startswith("none")
+    assert report["reload_check"]["ok"]
+    fast = train_rows(tmp_path / "none")
+    assert fast and not any("kl" in r for r in fast) and "kl" not in report["final"]
+
+    monkeypatch.setattr(C.PPOLagConfig, "uses_reference", lambda self: True)   # the control: a reference forward times 0
+    loads.clear()
+    assert cli(*args(tmp_path / "with")) == 0
+    assert ref_forwards, "the control runs the reference"
+    assert loads.count(str(mw["policy"])) - policy_loads == (0 if extra else 1), loads   # full fine-tuning: one policy copy fewer
+    full = train_rows(tmp_path / "with")
+    assert all(r["kl"] != 0 for r in full[1:]), "the control measures a KL"
+    keys = ("reward", "cost", "lambda", "J_c", "entropy", "advantage_mean", "train/policy_loss")
+    for a, b in zip(fast, full, strict=True):
+        for k in keys:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), (a["step"], k, a[k], b[k])
+
+
 # ---------------------------------------------------------------------------------------------
 # --shared-critic: one critic backbone, a value head per stream
 

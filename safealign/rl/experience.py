@@ -40,7 +40,7 @@ class Experience:
     sampled_logp: torch.Tensor = None   # [B, T] actor log-probs recorded while sampling (None: computed by a forward in scoring)
     sampled_entropy: torch.Tensor = None
     old_logp: torch.Tensor = None       # [B, T]
-    ref_logp: torch.Tensor = None       # [B, T]
+    ref_logp: torch.Tensor = None       # [B, T]; stays None without a reference (--kl-coeff 0)
     entropy: torch.Tensor = None        # [B, T]
     old_values: dict = field(default_factory=dict)   # critic name -> [B, T]
     reward: torch.Tensor = None         # [B] reward-model end score (after --no-eos-penalty)
@@ -123,7 +123,8 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
     The actor's log-probs and entropy are the ones recorded while sampling when the rollout has them
     (the logits of the decoding steps are those a forward over prompt + response computes): then only
     the critics run over the rollout here, besides the reference and the judges. ``critics=False``:
-    not even they (their values come from the update's first forward: rl.update.values_from_first_forward)."""
+    not even they (their values come from the update's first forward: rl.update.values_from_first_forward).
+    No reference forward without a reference (``cfg.uses_reference()`` false: ``exp.ref_logp`` stays None)."""
     learner.eval()
     sampled = exp.sampled_logp is not None
     parts: dict[str, list] = {}
@@ -135,16 +136,18 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
             else:
                 out = learner(ids, attn, exp.P, with_entropy=True)
             keep = ids.shape[1] - exp.P + 1
-            ref_logits = (learner_u.reference_logits(ids, attn, keep) if reference is None
-                          else causal_logits(reference, ids, attn, keep))[:, :-1]                        # [b, T, V]
-        out["ref_logp"] = RL.logprobs_from_logits(ref_logits, ids[:, exp.P:])
+            ref_logits = None if not cfg.uses_reference() else (
+                learner_u.reference_logits(ids, attn, keep) if reference is None else causal_logits(reference, ids, attn, keep))[:, :-1]  # [b, T, V]
+        if ref_logits is not None:
+            out["ref_logp"] = RL.logprobs_from_logits(ref_logits, ids[:, exp.P:])
         for k, v in out.items():
             parts.setdefault(k, []).append(v.float())
     cat = {k: torch.cat(v) for k, v in parts.items()}
     if sampled:
         cat["logp"], cat["entropy"] = exp.sampled_logp.float(), exp.sampled_entropy.float()
     m = exp.mask.float()
-    exp.old_logp, exp.ref_logp, exp.entropy = cat["logp"] * m, cat["ref_logp"] * m, cat["entropy"] * m
+    exp.old_logp, exp.entropy = cat["logp"] * m, cat["entropy"] * m
+    exp.ref_logp = cat["ref_logp"] * m if "ref_logp" in cat else None         # None: no reference (--kl-coeff 0)
     exp.old_values = {name: cat[f"values_{name}"] * m for name in learner_u.critics if f"values_{name}" in cat}
     with acc.autocast():
         exp.reward = reward.score(exp, cfg.template, cfg.max_length)

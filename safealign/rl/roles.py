@@ -220,7 +220,8 @@ def disable_dropout(model: nn.Module) -> None:
 
 
 def build_roles(cfg, tok, frozen_dtype: str, critic_names: tuple[str, ...]):
-    """(learner, reference or None, reward judge, cost judge or None, notes). Loads everything:
+    """(learner, reference or None, reward judge, cost judge or None, notes). Loads everything (the reference
+    None: the LoRA base with adapters disabled, or no reference at all when not ``cfg.uses_reference()``):
     any unusable path or tokenizer is BadInput, raised before the output directory is touched."""
     from safealign.models.loading import apply_lora, check_model_kind, load_causal_lm, load_score_model, load_tokenizer
 
@@ -275,13 +276,17 @@ def build_roles(cfg, tok, frozen_dtype: str, critic_names: tuple[str, ...]):
                 trunk = backbone(model)
                 critics[name] = zero_head(trunk.config.hidden_size)
                 critics[name].weight.data.copy_(score_head(model).weight.data.float())
-        with local_load():
-            reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype, revision=cfg.revision).eval().requires_grad_(False)
-        notes["reference"] = f"frozen copy of {cfg.model}"
+        reference = None
+        if cfg.uses_reference():
+            with local_load():
+                reference = load_causal_lm(cfg.model, tok, dtype=frozen_dtype, revision=cfg.revision).eval().requires_grad_(False)
+            notes["reference"] = f"frozen copy of {cfg.model}"
         if cfg.gradient_checkpointing:
             actor.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             for c in ([trunk] if trunk is not None else [c.model for c in critics.values()]):
                 c.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if not cfg.uses_reference():
+        notes["reference"] = "none: --kl-coeff 0 (no KL to a reference, so none is loaded or run)"
     learner = Learner(actor, critics, lora=bool(cfg.lora_r), trunk=None if cfg.lora_r else trunk, shared=cfg.shared_critic)
     if cfg.lora_r:  # the actor's adapter active, every adapter trainable (add_adapter leaves the new ones frozen)
         switch_adapter(actor, ACTOR)
