@@ -34,14 +34,15 @@ demo: $(INSTALLED)
 demo-check: $(INSTALLED)
 	$(BIN)/python -m pytest -m slow_demo
 
-# the CPU benchmarks (about 25 min on 2 cores); each writes bench/results/*.md. On a shared machine run it
+# the CPU benchmarks (about 45 min on 2 cores); each writes bench/results/*.md. On a shared machine run it
 # under the lock: flock /tmp/safealign-cpu.lock make bench. The GPU check is separate: bench/gpu_check.sh.
 bench: $(INSTALLED)
 	$(BIN)/python bench/startup.py --out bench/results/startup.md
 	$(BIN)/python bench/train_rm_speed.py
 	$(BIN)/python bench/train_rm_real.py --epochs 2 --repeats 3 --out bench/results/train_rm_real.md
 	$(BIN)/python bench/optimizer_step.py --out bench/results/optimizer_step.md
-	$(BIN)/python bench/ppo_vs_peers.py --sizes tiny,20m --steps 5 --grpo --out bench/results/ppo_vs_peers.md
+	$(BIN)/python bench/ppo_vs_peers.py --sizes tiny,20m --steps 9 --grpo --out bench/results/ppo_vs_peers.md
+	$(BIN)/python bench/ppo_vs_peers.py --sizes 20m --steps 6 --grpo --dtype bf16 --out bench/results/ppo_vs_peers_bf16.md
 	$(BIN)/python bench/ppo_floor.py --out bench/results/ppo_floor.md
 	$(BIN)/python bench/zero3_rollout.py --out bench/results/zero3_rollout.md
 	$(BIN)/python bench/ppo_speed.py --out bench/results/ppo_speed.md
