@@ -424,7 +424,7 @@ class PPOLagConfig(DataOptions, TrainOptions, GenerationOptions):
         if self.ptx_coeff > 0 and not self.ptx_data:
             raise BadInput("--ptx-coeff > 0 needs --ptx-data (prompt/response rows)")
         for key in ("kl_coeff", "ptx_coeff", "pid_kp", "pid_kd", "lambda_lr", "lambda_update_delay"):
-            if getattr(self, key) < 0:
+            if not getattr(self, key) >= 0:    # NaN too
                 raise BadInput(f"config key '{key}' must be >= 0")
         for key in ("clip_range_score", "clip_range_ratio", "clip_range_value", "critic_lr"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:

@@ -533,7 +533,7 @@ def build_roles(st: Stage, dims: Dims, *, lora_r: int, dtype: str, attention: st
     if lora_r:
         adapter = lora_param_count(dims, lora_r, st.lora_targets)
         roles.append(Role("policy base", "causal", param_count(dims, "lm"), 0,
-                          "frozen; shared by actor, critics and reference (adapters disabled)"))
+                          "frozen; shared by actor, critics" + (" and reference (adapters disabled)" if st.reference else "")))
         roles.append(Role("actor", "causal", adapter, adapter, f"LoRA r={lora_r}", act=acts(dims, "actor", T + 1), kv_cache=kv))
         if st.reference:
             roles.append(Role("reference", "causal", 0, 0, "= policy base, adapters disabled"))
@@ -561,9 +561,10 @@ def build_roles(st: Stage, dims: Dims, *, lora_r: int, dtype: str, attention: st
             cd = _aux_dims(given, judge, f"{c} critic", st.notes, st.tiny) if given else judge
             roles.append(Role(f"{c} critic", "score", param_count(cd, "score"), param_count(cd, "score"),
                               "trained" if given else f"trained, initialised from the {c} model", act=acts(cd, "score")))
-    roles.insert(2 if not lora_r else 3, Role("reward model", "score", param_count(rm, "score"), 0, "frozen"))
+    at = 1 + bool(lora_r) + st.reference          # after the actor (the policy base first with LoRA) and the reference
+    roles.insert(at, Role("reward model", "score", param_count(rm, "score"), 0, "frozen"))
     if cm is not None:
-        roles.insert(3 if not lora_r else 4, Role("cost model", "score", param_count(cm, "score"), 0, "frozen"))
+        roles.insert(at + 1, Role("cost model", "score", param_count(cm, "score"), 0, "frozen"))
     return roles
 
 

@@ -356,5 +356,11 @@ def test_recipe_with_kl_coeff_0_plans_no_reference(tmp_path):
     assert [r.name for r in roles] == ["actor", "reward model", "cost model"]
     assert sum(r.params for r in roles) == P.param_count(dims, "lm") + 2 * P.param_count(dims, "score")
     assert "reference" not in [r.name for r in P.build_roles(st, dims, lora_r=16, dtype="bf16", attention="sdpa")]
+    recipe.write_text("kl_coeff: 0\n")                               # ppo-lag: the critics stay after the judges
+    st = P.read_stage(_cfg(config=str(recipe), model="llama-7b", stage="ppo-lag", gpus=8, gpu_mem="80GB", seq_len=512))
+    assert [r.name for r in P.build_roles(st, dims, lora_r=0, dtype="bf16", attention="sdpa")] == [
+        "actor", "reward model", "cost model", "reward critic", "cost critic"]
+    assert [r.name for r in P.build_roles(st, dims, lora_r=16, dtype="bf16", attention="sdpa")] == [
+        "policy base", "actor", "reward model", "cost model", "reward critic", "cost critic"]
     recipe.write_text("algorithm: grpo-lag\n")
     assert P.read_stage(_cfg(config=str(recipe), model="llama-7b", stage="ppo-lag", gpus=8, gpu_mem="80GB", seq_len=512)).reference

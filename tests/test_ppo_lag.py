@@ -271,7 +271,7 @@ def test_options_run(cli, mw, world, tmp_path, case):
         assert last["eos_rate"] < 1.0 and min(r["reward"] for r in rows) < -1.0
 
 
-@pytest.mark.parametrize("case", ["missing_rm", "hc_with_ppo", "no_prompts", "lambda_above_max", "not_empty"])
+@pytest.mark.parametrize("case", ["missing_rm", "hc_with_ppo", "no_prompts", "lambda_above_max", "kl_coeff_nan", "not_empty"])
 def test_bad_input_exit_2_writes_nothing(cli, mw, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = base_args(mw, out, "--max-steps", "1")
@@ -284,6 +284,8 @@ def test_bad_input_exit_2_writes_nothing(cli, mw, tmp_path, capsys, case):
         args[args.index("--data") + 1] = tmp_path / "bad.jsonl"
     elif case == "lambda_above_max":
         args += ["--lambda-init", "10", "--lambda-max", "5"]
+    elif case == "kl_coeff_nan":     # NaN passed a `< 0` check, and would make every reward NaN
+        args += ["--kl-coeff", "nan"]
     else:
         out.mkdir()
         (out / "keep.txt").write_text("x")
@@ -567,6 +569,7 @@ def test_kl_coeff_0_runs_no_reference_and_changes_no_number(cli, mw, tmp_path, m
     assert not ref_forwards
     report = json.loads((tmp_path / "none" / "report.json").read_text())
     assert "reference" not in report["algorithm_spec"]["roles"] and report["roles"]["reference"].startswith("none")
+    assert report["algorithm_spec"]["kl"] == "none (--kl-coeff 0)"
     assert report["reload_check"]["ok"]
     fast = train_rows(tmp_path / "none")
     assert fast and not any("kl" in r for r in fast) and "kl" not in report["final"]
