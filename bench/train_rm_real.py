@@ -17,6 +17,7 @@ the trained trl model ourselves, truncated as safealign truncates, so the accura
   and the shared start of chosen and rejected (the dialogue) run once per pair (TokenScorer's prefix
   forward); over-long pairs are truncated (prompt from the left first), never dropped.
 - safealign no-grouping: the same with --no-group-by-length (what grouping buys).
+- safealign bf16 (only with --kinds): the same with --dtype bf16 (autocast, as trl's defaults).
 - trl defaults: `RewardConfig` defaults (bf16=True, gradient_checkpointing=True), use_cpu=True.
 - trl tuned: bf16=False, gradient_checkpointing=False (feasibility.md §2a: 2-3x faster on CPU).
   trl drops every pair with a side over max_length (RewardTrainer's filter): counted.
@@ -46,6 +47,7 @@ DATA = REPO.parent / "shared" / "data" / "hh-rlhf" / "harmless-base" / "test.jso
 N_TRAIN = 1800
 BATCH, LR, MAX_LEN = 16, 1e-3, 512
 KINDS = ("safealign", "safealign no-grouping", "trl defaults", "trl tuned")
+OPTIONAL = ("safealign bf16",)   # --kinds only: safealign --dtype bf16 (autocast), the precision of trl's defaults
 
 
 def prepare(tmp: Path) -> dict:
@@ -111,7 +113,8 @@ def worker(kind: str, tmp: Path, epochs: float) -> dict:
         out = Path(tempfile.mkdtemp(dir=tmp, prefix=kind.replace(" ", "-") + "-")) / "run"   # a new directory every round
         cfg = build_config(RewardConfig, None, {"model": base, "data": str(tmp / "train.jsonl"), "eval_data": str(tmp / "eval.jsonl"),
                                                 "output_dir": str(out), "epochs": epochs, "batch_size": BATCH, "lr": LR, "max_length": MAX_LEN,
-                                                "log_steps": 1000, "save_steps": 0, "dtype": "fp32", "invalid_rows": "skip", "group_by_length": kind == "safealign"})
+                                                "log_steps": 1000, "save_steps": 0, "dtype": "bf16" if kind == "safealign bf16" else "fp32",
+                                                "invalid_rows": "skip", "group_by_length": kind != "safealign no-grouping"})
         s = run_reward(cfg)
         return {"kind": kind, "pairs_per_second": s["throughput"]["pairs_per_second"], "seconds": s["throughput"]["seconds"],
                 "accuracy": s["eval"]["eval/accuracy"], "trained_pairs": s["data"]["train_pairs"], "dropped": 0,
@@ -148,13 +151,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=float, default=2.0)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_rm_real.md")
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of: {', '.join(KINDS + OPTIONAL)}")
     ap.add_argument("--repeats", type=int, default=1, help="rounds of every configuration (interleaved); each keeps its fastest run")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print("RESULT " + json.dumps(worker(a.worker[0], Path(a.worker[1]), a.epochs)))
         return
+    unknown = [k for k in a.kinds.split(",") if k not in KINDS + OPTIONAL]
+    if unknown:
+        raise SystemExit(f"unknown --kinds {unknown}: choose from {', '.join(KINDS + OPTIONAL)}")
     if not DATA.is_file():
         raise SystemExit(f"{DATA} is missing (the real hh-rlhf sample of ../shared/data): nothing to measure")
     tmp = Path(tempfile.mkdtemp(prefix="rm-real-"))

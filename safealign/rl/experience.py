@@ -135,9 +135,11 @@ def score_experience(acc, learner, learner_u: Learner, reference, reward: Judge,
                 out = {f"values_{name}": v[:, exp.P - 1:-1] for name, v in (learner_u.critic_values(ids, attn) if critics else {}).items()}
             else:
                 out = learner(ids, attn, exp.P, with_entropy=True)
-            keep = ids.shape[1] - exp.P + 1
-            ref_logits = None if not cfg.uses_reference() else (
-                learner_u.reference_logits(ids, attn, keep) if reference is None else causal_logits(reference, ids, attn, keep))[:, :-1]  # [b, T, V]
+            ref_logits = None
+            if cfg.uses_reference():
+                keep = ids.shape[1] - exp.P + 1
+                ref_logits = (learner_u.reference_logits(ids, attn, keep) if reference is None
+                              else causal_logits(reference, ids, attn, keep))[:, :-1]                    # [b, T, V]
         if ref_logits is not None:
             out["ref_logp"] = RL.logprobs_from_logits(ref_logits, ids[:, exp.P:])
         for k, v in out.items():

@@ -227,7 +227,7 @@ def _mean_of(rows: list[dict], key: str) -> float | None:
 
 
 def make_summary(r: RLRun, rows: list[dict], last: dict, start: int, reload: dict, saved: dict, seconds: float, peak_mb: float) -> dict:
-    cfg, algo = r.cfg, r.algo
+    cfg, algo, ref = r.cfg, r.algo, r.cfg.uses_reference()
     lam_hist = [x["lambda"] for x in rows if "lambda" in x]
     j_c = last.get("J_c")
     constraint = None
@@ -239,9 +239,10 @@ def make_summary(r: RLRun, rows: list[dict], last: dict, start: int, reload: dic
         "stage": "ppo-lag", "algorithm": cfg.algorithm, "constraint_type": cfg.constraint, "output_dir": str(r.out),
         "model": cfg.model, "steps": r.total, "resumed_from_step": start or None, "world_size": r.acc.num_processes,
         "mode": f"LoRA r={cfg.lora_r}" if cfg.lora_r else "full fine-tuning", "lr": r.lr, "critic_lr": r.critic_lr,
-        "algorithm_spec": {"roles": [x for x in algo.roles if x != "reference" or cfg.uses_reference()], "advantage": cfg.advantage_name(), "policy_loss": algo.policy_loss, "cost": algo.cost,
-                           "kl": ("in the reward" if cfg.kl_in_reward() else "as a loss term") if cfg.uses_reference() else "none (--kl-coeff 0)",
-                           "kl_estimator": cfg.kl_kind() if cfg.uses_reference() else None,
+        "algorithm_spec": {"roles": [x for x in algo.roles if x != "reference" or ref], "advantage": cfg.advantage_name(),
+                           "policy_loss": algo.policy_loss, "cost": algo.cost,
+                           "kl": ("in the reward" if cfg.kl_in_reward() else "as a loss term") if ref else "none (--kl-coeff 0)",
+                           "kl_estimator": cfg.kl_kind() if ref else None,
                            "responses_per_prompt": r.group_size},
         "lambda": {"init": cfg.lambda_init, "final": lam_hist[-1] if lam_hist else None, "max_seen": max(lam_hist) if lam_hist else None,
                    "method": cfg.lambda_method if algo.lagrangian else algo.cost},
