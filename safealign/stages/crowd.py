@@ -276,19 +276,16 @@ def _validate(cfg: CostConfig) -> None:
 
 
 def run(cfg: CostConfig) -> dict:
-    from safealign.models.loading import load_score_model, load_tokenizer, save_tokenizer
+    from safealign.models.loading import load_score_model
     from safealign.runtime.io import check_output_dir
-    from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, resume_point, train_loop
+    from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, resume_point, run_tokenizer, train_loop, trainable
 
     _validate(cfg)
     out = check_output_dir(cfg.output_dir, cfg.resume)
     resume_from, _ = resume_point(cfg, out)
     data = load_crowd_pairs(cfg)
     index = {a: i for i, a in enumerate(data.annotators)}
-    saved_tok = out / "checkpoints" / "tokenizer"
-    tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
-    tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(data.train, cfg.template) if tok_source == "tiny" else None, vocab_size=cfg.tiny_vocab,
-                         revision=cfg.revision)
+    tok = run_tokenizer(cfg, out, lambda: tokenizer_corpus(data.train, cfg.template))
     train_ex, train_counts = encode_crowd(tok, data.train, index, cfg.template, cfg.max_length)
     eval_ex, eval_counts = encode_crowd(tok, data.eval, index, cfg.template, cfg.max_length)
     if not train_ex:
@@ -297,11 +294,7 @@ def run(cfg: CostConfig) -> dict:
     model = load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="cost", head="new", revision=cfg.revision)
     base = (load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward", head="new", revision=cfg.revision)
             if cfg.crowd_baseline else None)
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-        if base is not None:
-            base.activation_checkpointing_enable()
-    net = CrowdNet(model, len(data.annotators), cfg, base)
+    net = CrowdNet(trainable(model, cfg, "SEQ_CLS"), len(data.annotators), cfg, trainable(base, cfg, "SEQ_CLS") if base is not None else None)
 
     from safealign.runtime.dist import finish
 
@@ -312,9 +305,7 @@ def run(cfg: CostConfig) -> dict:
     cfg_dict = to_dict(cfg)
     open_run_dir(acc, cfg, out, "train-cost", cfg_dict=cfg_dict, prompts=[p.prompt for p in data.train + data.eval],
                  inherit_from=[cfg.model if cfg.model != "tiny" else None], data_fingerprint=fingerprint(data.train),
-                 extra={"crowd": True, "annotators": len(data.annotators), "train_pairs": len(train_ex), "eval_pairs": len(eval_ex)})
-    if acc.is_main_process and not saved_tok.is_dir():
-        save_tokenizer(tok, saved_tok)
+                 extra={"crowd": True, "annotators": len(data.annotators), "train_pairs": len(train_ex), "eval_pairs": len(eval_ex)}, tok=tok)
 
     seen_eval = [e for e in eval_ex if e.annotator >= 0]
 

@@ -19,11 +19,12 @@ from safealign.data.records import fingerprint, rows_to_pairs
 from safealign.errors import BadInput
 from safealign.models.generation import pad
 from safealign.models.export import live_outputs, reload_check
-from safealign.models.loading import apply_lora, load_score_model, load_tokenizer, save_tokenizer
+from safealign.models.loading import load_score_model
 from safealign.models.score import TokenScorer
 from safealign.runtime import plots, report
 from safealign.runtime.io import check_output_dir
-from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, resume_point, save_collectively, strip_prefix, train_loop
+from safealign.stages.trainer import (open_run_dir, peak_memory_mb, prepare_training, resume_point, run_tokenizer, save_collectively, strip_prefix,
+                                      train_loop, trainable)
 
 
 def load_pairs(cfg: PreferenceConfig, task: str):
@@ -183,34 +184,27 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
     train_pairs, eval_pairs, data_stats = load_pairs(cfg, task)
     if task == "safety" and cfg.sign_weight > 0 and not any(p.chosen_unsafe is not None for p in train_pairs):
         data_stats["mode"] = "ranking-only (no per-response safety labels in the data)"
-    saved_tok = out / "checkpoints" / "tokenizer"
-    tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
-    tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(train_pairs, cfg.template) if tok_source == "tiny" else None, vocab_size=cfg.tiny_vocab, revision=cfg.revision)
+    tok = run_tokenizer(cfg, out, lambda: tokenizer_corpus(train_pairs, cfg.template))
     train_ex, train_counts = encode_pairs(tok, train_pairs, cfg.template, cfg.max_length)
     eval_ex, eval_counts = encode_pairs(tok, eval_pairs, cfg.template, cfg.max_length)
     if not train_ex:
         raise BadInput("no training pairs left after tokenisation", where=cfg.data)
     tiny = dict(hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, max_positions=max(cfg.max_length, 64))
+
     def load_base():
         return load_score_model(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=tiny, score_type="reward" if task == "helpful" else "cost",
                                 head="new", revision=cfg.revision)
 
-    model = load_base()
-    if cfg.lora_r:
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="SEQ_CLS")
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-
     from safealign.runtime.dist import finish
 
-    prep = prepare_training(cfg, TokenScorer(model), len(train_ex), out, deepspeed=cfg.deepspeed)
+    prep = prepare_training(cfg, TokenScorer(trainable(load_base(), cfg, "SEQ_CLS")), len(train_ex), out, deepspeed=cfg.deepspeed)
     acc, scorer, optimizer, scheduler, total, lr = prep.acc, prep.model, prep.optimizer, prep.scheduler, prep.total_steps, prep.lr
 
     # From here on the output directory is written.
     cfg_dict = to_dict(cfg)
     open_run_dir(acc, cfg, out, stage, cfg_dict=cfg_dict, prompts=[p.prompt for p in train_pairs + eval_pairs],
                  inherit_from=[cfg.model if cfg.model != "tiny" else None], data_fingerprint=fingerprint(train_pairs),
-                 extra={"train_pairs": len(train_ex), "eval_pairs": len(eval_ex)})
+                 extra={"train_pairs": len(train_ex), "eval_pairs": len(eval_ex)}, tok=tok)
     bins = getattr(cfg, "calibration_bins", 10)
     last_extras: dict = {}
     eval_by_length = sorted(eval_ex, key=pair_length)  # batches of similar length: less padding to score
@@ -223,8 +217,6 @@ def run(cfg: PreferenceConfig, task: str) -> dict:
         last_extras.update(extras, scores=scores)
         return metrics
 
-    if acc.is_main_process and not saved_tok.is_dir():
-        save_tokenizer(tok, saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
     result = train_loop(acc=acc, cfg=cfg, model=scorer, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
                         collate=train_collate(cfg, tok.pad_token_id), loss_fn=pair_loss(cfg, task), out=out, total_steps=total,
                         resume_from=resume_from, evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict,

@@ -29,7 +29,9 @@ from safealign.models.generation import pad
 from safealign.models.score import attention_inputs
 from safealign.runtime import plots, report
 from safealign.runtime.io import check_output_dir
-from safealign.stages.trainer import open_run_dir, peak_memory_mb, prepare_training, resume_point, save_collectively, train_loop
+from safealign.models.export import live_outputs, reload_check
+from safealign.stages.trainer import (open_run_dir, peak_memory_mb, prepare_training, resume_point, run_tokenizer, save_collectively, train_loop,
+                                      trainable)
 
 IGNORE = -100
 SFT_KEYS = ("prompt", "response")
@@ -205,86 +207,96 @@ def lm_eval(acc, model, examples: list[EncodedSFT], pad_id: int, batch_size: int
 
 
 def run(cfg: SFTConfig) -> dict:
-    from safealign.models.export import live_outputs, reload_check
-    from safealign.models.loading import apply_lora, load_causal_lm, load_tokenizer, save_tokenizer
+    from safealign.models.loading import load_causal_lm
+    from safealign.runtime.dist import finish
 
     t_start = time.perf_counter()
     out = check_output_dir(cfg.output_dir, cfg.resume)
     resume_from, _ = resume_point(cfg, out)
-    train_rows, eval_rows, data_stats = load_examples(cfg)
-    saved_tok = out / "checkpoints" / "tokenizer"
-    tok_source = str(saved_tok) if cfg.resume and saved_tok.is_dir() else cfg.model
-    tok = load_tokenizer(tok_source, train_texts=tokenizer_corpus(train_rows, cfg.template) if tok_source == "tiny" else None,
-                         vocab_size=cfg.tiny_vocab, revision=cfg.revision)
-    train_ex, train_counts = encode_examples(tok, train_rows, cfg.template, cfg.max_length)
-    eval_ex, eval_counts = encode_examples(tok, eval_rows, cfg.template, cfg.max_length)
-    model = load_causal_lm(cfg.model, tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg), revision=cfg.revision)
+    d = _data(cfg, out)
+    model = load_causal_lm(cfg.model, d.tok, dtype="fp32", seed=cfg.seed, tiny=_tiny(cfg), revision=cfg.revision)
     resized = _embeddings_resized(cfg.model, model)
-    if cfg.lora_r:
-        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task="CAUSAL_LM")
-    if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-        if cfg.lora_r:
-            model.enable_input_require_grads()
-
-    from safealign.runtime.dist import finish
-
-    prep = prepare_training(cfg, model, len(train_ex), out, deepspeed=cfg.deepspeed)
-    acc, model, optimizer, scheduler, total, lr = prep.acc, prep.model, prep.optimizer, prep.scheduler, prep.total_steps, prep.lr
+    prep = prepare_training(cfg, trainable(model, cfg, "CAUSAL_LM"), len(d.train_ex), out, deepspeed=cfg.deepspeed)
+    acc, model, pad_id = prep.acc, prep.model, d.tok.pad_token_id
 
     # From here on the output directory is written.
     cfg_dict = to_dict(cfg)
-    open_run_dir(acc, cfg, out, "sft", cfg_dict=cfg_dict, prompts=[e.prompt for e in train_rows + eval_rows],
-                 inherit_from=[cfg.model if cfg.model != "tiny" else None], data_fingerprint=fingerprint(train_rows),
-                 extra={"train_examples": len(train_ex), "eval_examples": len(eval_ex)})
-
-    def evaluate(step: int) -> dict:
-        return lm_eval(acc, model, eval_ex, tok.pad_token_id, cfg.batch_size * 2)
-
-    if acc.is_main_process and not saved_tok.is_dir():
-        save_tokenizer(tok, saved_tok)  # a tiny tokenizer is trained per run: resume must reuse it
-    result = train_loop(acc=acc, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, examples=train_ex,
-                        collate=lambda b: collate(b, tok.pad_token_id), loss_fn=sft_loss, out=out, total_steps=total,
-                        resume_from=resume_from, evaluate=evaluate if eval_ex else None, cfg_dict=cfg_dict, unit="examples")
-    probe = (eval_ex or train_ex)[:8]
-    pb = collate(probe, tok.pad_token_id)
+    open_run_dir(acc, cfg, out, "sft", cfg_dict=cfg_dict, prompts=[e.prompt for e in d.train_rows + d.eval_rows],
+                 inherit_from=[cfg.model if cfg.model != "tiny" else None], data_fingerprint=fingerprint(d.train_rows),
+                 extra={"train_examples": len(d.train_ex), "eval_examples": len(d.eval_ex)}, tok=d.tok)
+    result = train_loop(acc=acc, cfg=cfg, model=model, optimizer=prep.optimizer, scheduler=prep.scheduler, examples=d.train_ex,
+                        collate=lambda b: collate(b, pad_id), loss_fn=sft_loss, out=out, total_steps=prep.total_steps,
+                        resume_from=resume_from, cfg_dict=cfg_dict, unit="examples",
+                        evaluate=(lambda step: lm_eval(acc, model, d.eval_ex, pad_id, cfg.batch_size * 2)) if d.eval_ex else None)
+    probe_ex = (d.eval_ex or d.train_ex)[:8]
+    probe = collate(probe_ex, pad_id)
     model.eval()
-    live = live_outputs(model, "causal", pb["input_ids"], pb["attention_mask"])  # collective: under ZeRO-3 every process takes part
-    final, merged = _save_policy(acc, model, tok, out, cfg, resized)
+    live = live_outputs(model, "causal", probe["input_ids"], probe["attention_mask"])  # collective: under ZeRO-3 every process takes part
+    final, merged = _save_policy(acc, model, d.tok, out, cfg, resized)
     summary: dict = {}
     if acc.is_main_process:
-        plugin = acc.state.deepspeed_plugin
-        if plugin is not None and plugin.zero_stage == 3:  # the in-memory weights are sharded: generate with the saved copy
-            from transformers import AutoModelForCausalLM
-
-            from safealign.models.loading import local_load
-
-            with local_load():
-                merged = AutoModelForCausalLM.from_pretrained(str(out)).to(acc.device)
-        reload = reload_check(out, "causal", live, pb["input_ids"], pb["attention_mask"], prompt=probe[0].ids[: probe[0].prompt_len], tok=tok)
-        check = generation_check(merged, tok, eval_rows or train_rows, train_rows, cfg)
-        counts = Counter(train_counts) + Counter(eval_counts)
-        ev = result.evals[-1] if result.evals else {}
-        summary = {
-            "stage": "sft", "model": cfg.model, "output_dir": str(out), "steps": result.total_steps,
-            "resumed_from_step": result.resumed_from, "world_size": acc.num_processes, "lr": lr,
-            "data": {**data_stats, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
-                     "truncated_examples": counts["truncated"],
-                     "response_tokens_train": sum(len(e.ids) - e.prompt_len for e in train_ex)},
-            "train": {k: v for k, v in result.last_train.items() if k != "step"},
-            "eval": ev,
-            "generation_check": check,
-            "throughput": {"examples_per_second": result.examples_per_second, "seconds": result.seconds,
-                           "peak_memory_mb": peak_memory_mb(), "total_seconds": time.perf_counter() - t_start},
-            "reload_check": reload, "saved": final,
-        }
-        summary["headline"] = _headline(summary)
+        reload = reload_check(out, "causal", live, probe["input_ids"], probe["attention_mask"], prompt=probe_ex[0].ids[:probe_ex[0].prompt_len], tok=d.tok)
+        check = generation_check(_generating_copy(acc, merged, out), d.tok, d.eval_rows or d.train_rows, d.train_rows, cfg)
+        summary = _summary(cfg, d, out, acc, prep.lr, result, check, reload, final, time.perf_counter() - t_start)
         _plots(out)
         report.write(out, summary, title="safealign sft",
                      intro="Loss: next-token cross-entropy on response tokens + EOS (prompt masked). "
                            "Perplexity = exp(eval loss per response token).")
     finish(acc)
     return summary
+
+
+@dataclass
+class _Data:
+    """What sft trains and evaluates on, tokenised (everything validated before the run directory is written)."""
+
+    tok: object
+    train_rows: list[SFTExample]
+    eval_rows: list[SFTExample]
+    train_ex: list[EncodedSFT]
+    eval_ex: list[EncodedSFT]
+    counts: Counter
+    stats: dict
+
+
+def _data(cfg: SFTConfig, out: Path) -> _Data:
+    train_rows, eval_rows, stats = load_examples(cfg)
+    tok = run_tokenizer(cfg, out, lambda: tokenizer_corpus(train_rows, cfg.template))
+    train_ex, train_counts = encode_examples(tok, train_rows, cfg.template, cfg.max_length)
+    eval_ex, eval_counts = encode_examples(tok, eval_rows, cfg.template, cfg.max_length)
+    return _Data(tok, train_rows, eval_rows, train_ex, eval_ex, Counter(train_counts) + Counter(eval_counts), stats)
+
+
+def _generating_copy(acc, merged, out: Path):
+    """The in-memory model equal to the saved one, to sample the generation check from; under ZeRO-3
+    (the in-memory weights are sharded) the saved copy, loaded."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return merged
+    from transformers import AutoModelForCausalLM
+
+    from safealign.models.loading import local_load
+
+    with local_load():
+        return AutoModelForCausalLM.from_pretrained(str(out)).to(acc.device)
+
+
+def _summary(cfg: SFTConfig, d: _Data, out: Path, acc, lr: float, result, check: dict, reload: dict, saved: dict, total_seconds: float) -> dict:
+    s = {
+        "stage": "sft", "model": cfg.model, "output_dir": str(out), "steps": result.total_steps,
+        "resumed_from_step": result.resumed_from, "world_size": acc.num_processes, "lr": lr,
+        "data": {**d.stats, "train_examples": len(d.train_ex), "eval_examples": len(d.eval_ex),
+                 "truncated_examples": d.counts["truncated"],
+                 "response_tokens_train": sum(len(e.ids) - e.prompt_len for e in d.train_ex)},
+        "train": {k: v for k, v in result.last_train.items() if k != "step"},
+        "eval": result.evals[-1] if result.evals else {},
+        "generation_check": check,
+        "throughput": {"examples_per_second": result.examples_per_second, "seconds": result.seconds,
+                       "peak_memory_mb": peak_memory_mb(), "total_seconds": total_seconds},
+        "reload_check": reload, "saved": saved,
+    }
+    s["headline"] = _headline(s)
+    return s
 
 
 def _tiny(cfg: SFTConfig) -> dict:

@@ -117,10 +117,38 @@ def prepare_training(cfg, model: torch.nn.Module, n_examples: int, out: Path, *,
     return Prepared(acc, model, optimizer, scheduler, total, lr)
 
 
+def saved_tokenizer_dir(out: Path) -> Path:
+    return Path(out) / "checkpoints" / "tokenizer"
+
+
+def run_tokenizer(cfg, out: Path, corpus: Callable[[], list[str]]):
+    """The tokenizer of a supervised stage: ``cfg.model``'s, or for ``--model tiny`` one trained on the
+    run's texts (``corpus()``, called only then). A resumed run reuses the one it saved
+    (:func:`open_run_dir` with ``tok``): a tokenizer trained again could number the tokens otherwise."""
+    from safealign.models.loading import load_tokenizer
+
+    saved = saved_tokenizer_dir(out)
+    source = str(saved) if cfg.resume and saved.is_dir() else cfg.model
+    return load_tokenizer(source, train_texts=corpus() if source == "tiny" else None, vocab_size=cfg.tiny_vocab, revision=cfg.revision)
+
+
+def trainable(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
+    """A supervised stage's model as it trains: LoRA adapters with ``--lora-r`` (peft ``task`` type:
+    CAUSAL_LM or SEQ_CLS), activation checkpointing with ``--gradient-checkpointing``."""
+    from safealign.models.loading import apply_lora
+
+    if getattr(cfg, "lora_r", 0):
+        model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task=task)
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return model
+
+
 def open_run_dir(acc, cfg, out: Path, stage: str, *, cfg_dict: dict, prompts: list[str], inherit_from: list, data_fingerprint: str | None,
-                 extra: dict) -> None:
-    """The first writes of a run (config.yaml, prompt_hashes.txt, manifest.json on the main process) and
-    the experiment trackers. Call it only once every input has been validated (and, with --resume,
+                 extra: dict, tok=None) -> None:
+    """The first writes of a run (config.yaml, prompt_hashes.txt, manifest.json and, given ``tok``, the
+    tokenizer :func:`run_tokenizer` reloads on --resume, on the main process) and the experiment
+    trackers. Call it only once every input has been validated (and, with --resume,
     :func:`resume_point` has accepted the run): a resume whose data or process count changed is
     refused here, before the first byte is written."""
     from safealign.runtime.io import atomic_write_json, manifest, write_config, write_prompt_hashes
@@ -135,6 +163,10 @@ def open_run_dir(acc, cfg, out: Path, stage: str, *, cfg_dict: dict, prompts: li
             write_prompt_hashes(out, prompts, inherit_from=inherit_from)
             atomic_write_json(out / "manifest.json", manifest(stage, seed=cfg.seed, data_fingerprint=data_fingerprint,
                                                               extra={**extra, "world_size": acc.num_processes}))
+            if tok is not None and not saved_tokenizer_dir(out).is_dir():
+                from safealign.models.loading import save_tokenizer
+
+                save_tokenizer(tok, saved_tokenizer_dir(out))
     if cfg.report_to != "none":
         acc.init_trackers(stage, config={k: v for k, v in cfg_dict.items() if isinstance(v, (int, float, str, bool))})
 
