@@ -197,17 +197,18 @@ def _inspect(cfg):
 
 def _synth(cfg):
     from safealign.data.synth import write_world
-    from safealign.runtime.io import check_output_dir
+    from safealign.runtime.io import check_output_dir, whole_output_dir
 
     out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
-    if cfg.crowd:
-        from safealign.data.crowd_world import write_crowd_world
+    with whole_output_dir(out, "the synthetic world") as d:
+        if cfg.crowd:
+            from safealign.data.crowd_world import write_crowd_world
 
-        paths = write_crowd_world(cfg.to_crowd_world(), out)
-    else:
-        paths = write_world(cfg.to_world(), out)
+            paths = write_crowd_world(cfg.to_crowd_world(), d)
+        else:
+            paths = write_world(cfg.to_world(), d)
     for name, path in paths.items():
-        typer.echo(f"{name}: {path}")
+        typer.echo(f"{name}: {out / Path(path).relative_to(d)}")
 
 
 def _label(cfg):

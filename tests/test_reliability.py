@@ -422,6 +422,56 @@ def test_a_really_full_disk_at_checkpoint(rm_run):
     assert ".tmp-step" not in res.stdout  # the temporary checkpoint directory was removed
 
 
+def test_a_really_full_disk_during_a_passing_safety_test_leaves_no_output_dir(tiny_policy, tiny_cm, world, tmp_path):
+    """A sampled test that PASSes on a 400 KiB tmpfs: the costs and the plot fit, the copy of the policy
+    into release/ does not. Exit 2 naming the output directory, and nothing of it is left: no report,
+    no half release/, no staging directory (a rerun on a disk with room starts clean). The result
+    itself is in the registry (it was recorded before the writes, so the test cannot vanish)."""
+    policy, cm = tiny_policy, tiny_cm
+    registry = tmp_path / "registry.jsonl"
+    script = (f"{sys.executable} -m safealign safety-test --policy {policy} --cost-model {cm} --prompts {world / 'prompts_safety.jsonl'} "
+              f"--output-dir $MNT/runs/st --registry {registry} --max-prompts 20 --max-new-tokens 4 --threshold 100; echo rc=$?; "
+              "echo left=$(ls -A $MNT | wc -l)")
+    res = _in_small_tmpfs(script, "400k")
+    assert "rc=2" in res.stdout, res.stdout + res.stderr[-3000:]
+    assert "runs/st: no space left on device while writing release/" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert "left=0" in res.stdout, res.stdout                      # $MNT is empty: not even the runs/ the command created
+    [rec] = [json.loads(line) for line in registry.read_text().splitlines()]
+    assert rec["decision"] == "PASS"
+
+
+@pytest.mark.parametrize("command", ["eval", "split"])
+def test_a_full_disk_mid_write_leaves_no_output_dir(cli, capfd, tiny_policy, world, tmp_path, monkeypatch, command):
+    """eval and split write their directories whole or not at all: the second file fails (ENOSPC),
+    and neither the output directory nor its staging sibling is left."""
+    import safealign.runtime.io as io
+
+    real, seen = io.atomic_write_text, []
+
+    def write_text(path, text):
+        seen.append(path)
+        if len(seen) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, text)
+
+    monkeypatch.setattr(io, "atomic_write_text", write_text)
+    import safealign.stages.split as split_stage
+
+    monkeypatch.setattr(split_stage, "atomic_write_text", write_text)
+    out = tmp_path / "new" / "out"
+    if command == "eval":
+        args = ["eval", "--policy", tiny_policy, "--prompts", world / "prompts_eval.jsonl", "--max-prompts", 4, "--max-new-tokens", 4]
+    else:
+        args = ["data", "split", "--data", world / "prompts_train.jsonl"]
+    code, err = call(cli, capfd, *args, "--output-dir", out)
+    assert code == 2 and "no space left on device while writing" in err and str(out) in err, err
+    assert len(seen) == 2 and not (tmp_path / "new").exists()     # the parent it created is gone too
+    monkeypatch.undo()
+    code, _ = call(cli, capfd, *args, "--output-dir", out)                  # with room again, the same command simply runs
+    assert code == 0 and (out / "report.md").is_file() and not list(out.parent.glob(".out.partial-*"))
+
+
 def test_disk_faults_of_every_writer_are_recognised(tmp_path):
     """What safealign's writers raise on a genuinely full disk (tmpfs) is classified as a full disk."""
     code = ("import torch, safetensors.torch as st\n"

@@ -220,6 +220,32 @@ def staged_model_dir(run_dir: Path, final: Path | None = None, tmp_name: str = "
         install_dir(tmp, target)
 
 
+@contextmanager
+def whole_output_dir(out: str | Path, what: str = "the output directory"):
+    """The output directory of a command without --resume (eval, split, synth, safety-test), written
+    whole or not at all. Yields a hidden sibling ``.<name>.partial-<pid>`` to write into, renamed to
+    ``out`` once every write has succeeded (one rename: a reader sees all of it or nothing). On any
+    failure (a full disk: BadInput naming ``out``; anything else: re-raised) the sibling is removed,
+    with the parent directories it created, and ``out`` is as :func:`check_output_dir` found it:
+    absent, or empty."""
+    out = Path(out).expanduser()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    made = [d for d in [out.parent, *out.parent.parents] if not d.exists()]     # the parents this write creates, deepest first
+    try:
+        with writing(what, out, cleanup=tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            yield tmp
+            os.replace(tmp, out)          # rename(2) also replaces an empty directory
+    except BaseException:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def git_commit() -> str | None:
     src = Path(__file__).resolve().parents[2]
     try:

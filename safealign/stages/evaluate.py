@@ -342,15 +342,31 @@ def score(path: str, prompts: list[str], responses: list[str], cfg, device, bar=
     return out
 
 
-def run(cfg) -> dict:
-    import json
-    import time
-
+def _generations(cfg, prompts: list[str]) -> dict[str, dict]:
+    """policy (and baseline) -> {"responses", "eos", "reward", "cost"} over ``prompts`` (None scores without that model)."""
     import torch
 
-    from safealign.config import to_dict
-    from safealign.runtime import plots
-    from safealign.runtime.io import atomic_write_json, atomic_write_text, check_output_dir, manifest, write_config
+    from safealign.runtime.progress import progress
+
+    device = "cuda" if torch.cuda.is_available() else None
+    names = {"policy": cfg.policy, **({"baseline": cfg.baseline} if cfg.baseline else {})}
+    scorers = [m for m in (cfg.reward_model, cfg.cost_model) if m]
+    bar = progress(len(prompts) * len(names) * (1 + len(scorers)), "eval", unit="responses generated or scored")
+    gens: dict[str, dict] = {}
+    for name, path in names.items():
+        texts, eos = generate(path, prompts, cfg, device, bar)
+        gens[name] = {"responses": texts, "eos": eos}
+    for g in gens.values():
+        g["reward"] = score(cfg.reward_model, prompts, g["responses"], cfg, device, bar) if cfg.reward_model else [None] * len(prompts)
+        g["cost"] = score(cfg.cost_model, prompts, g["responses"], cfg, device, bar) if cfg.cost_model else [None] * len(prompts)
+    bar.close()
+    return gens
+
+
+def run(cfg) -> dict:
+    import time
+
+    from safealign.runtime.io import check_output_dir, whole_output_dir
 
     t0 = time.perf_counter()
     # Validate everything before anything is written.
@@ -368,21 +384,7 @@ def run(cfg) -> dict:
     if cfg.cost_model:
         check_model_dir(cfg.cost_model, "cost model", "--cost-model", "cost")
 
-    device = "cuda" if torch.cuda.is_available() else None
-
-    names = {"policy": cfg.policy, **({"baseline": cfg.baseline} if cfg.baseline else {})}
-    from safealign.runtime.progress import progress
-
-    scorers = [m for m in (cfg.reward_model, cfg.cost_model) if m]
-    bar = progress(len(prompts) * len(names) * (1 + len(scorers)), "eval", unit="responses generated or scored")
-    gens: dict[str, dict] = {}
-    for name, path in names.items():
-        texts, eos = generate(path, prompts, cfg, device, bar)
-        gens[name] = {"responses": texts, "eos": eos}
-    for name, g in gens.items():
-        g["reward"] = score(cfg.reward_model, prompts, g["responses"], cfg, device, bar) if cfg.reward_model else [None] * len(prompts)
-        g["cost"] = score(cfg.cost_model, prompts, g["responses"], cfg, device, bar) if cfg.cost_model else [None] * len(prompts)
-    bar.close()
+    gens = _generations(cfg, prompts)
     rows = {name: [Generation(p, r, rw, c) for p, r, rw, c in zip(prompts, g["responses"], g["reward"], g["cost"])] for name, g in gens.items()}
     use_oracle = all_world_prompts(prompts)
     metrics = {}
@@ -392,10 +394,28 @@ def run(cfg) -> dict:
         metrics[name] = m
     head = arena(rows["policy"], rows["baseline"], threshold=cfg.threshold, use_oracle=use_oracle) if cfg.baseline else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = to_dict(cfg)
-    write_config(out / "config.yaml", cfg_dict)
-    atomic_write_json(out / "manifest.json", manifest("eval", seed=cfg.seed, extra={"prompts": len(distinct), "samples_per_prompt": cfg.samples}))
+    summary = {"stage": "eval", "output_dir": str(out), "policy": cfg.policy, "baseline": cfg.baseline,
+               "reward_model": cfg.reward_model, "cost_model": cfg.cost_model, "prompts": {"source": cfg.prompts, **prompt_stats},
+               "generation": {"seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens},
+               "cost_threshold": cfg.threshold,
+               "oracle": use_oracle, "metrics": metrics, "arena": head}
+    summary["headline"] = _headline(metrics, head)
+    with whole_output_dir(out, "the evaluation's outputs") as d:
+        _write_outputs(d, cfg, summary, prompts, distinct, rows, gens, use_oracle, t0)
+    return summary
+
+
+def _write_outputs(d: Path, cfg, summary: dict, prompts: list[str], distinct: list[str], rows: dict, gens: dict, use_oracle: bool, t0: float) -> None:
+    """config, manifest, generations.jsonl (with oracle scores on world prompts), histograms, report."""
+    import json
+    import time
+
+    from safealign.config import to_dict
+    from safealign.runtime import plots
+    from safealign.runtime.io import atomic_write_json, atomic_write_text, manifest, write_config
+
+    write_config(d / "config.yaml", to_dict(cfg))
+    atomic_write_json(d / "manifest.json", manifest("eval", seed=cfg.seed, extra={"prompts": len(distinct), "samples_per_prompt": cfg.samples}))
     lines = []
     for i, p in enumerate(prompts):
         for name, rs in rows.items():
@@ -407,22 +427,15 @@ def run(cfg) -> dict:
                 s = oracle(p, g.response)
                 row.update(oracle_helpfulness=s.helpfulness, oracle_harm=s.harm, oracle_unsafe=s.unsafe, oracle_refusal=s.refusal)
             lines.append(json.dumps(row, ensure_ascii=False))
-    atomic_write_text(out / "generations.jsonl", "\n".join(lines) + "\n")
+    atomic_write_text(d / "generations.jsonl", "\n".join(lines) + "\n")
     for key, label in (("reward", "reward"), ("cost", "cost")):
         groups = {name: [x for x in g[key] if x is not None] for name, g in gens.items()}
         if any(groups.values()):
-            plots.histogram(groups, out / "plots" / f"{key}.png", f"{label} of the generations", xlabel=label, ylabel="responses",
+            plots.histogram(groups, d / "plots" / f"{key}.png", f"{label} of the generations", xlabel=label, ylabel="responses",
                             vlines={"threshold": cfg.threshold} if key == "cost" else None)
-
-    summary = {"stage": "eval", "output_dir": str(out), "policy": cfg.policy, "baseline": cfg.baseline,
-               "reward_model": cfg.reward_model, "cost_model": cfg.cost_model, "prompts": {"source": cfg.prompts, **prompt_stats},
-               "generation": {"seed": cfg.seed, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens},
-               "cost_threshold": cfg.threshold,
-               "oracle": use_oracle, "metrics": metrics, "arena": head, "seconds": time.perf_counter() - t0}
-    summary["headline"] = _headline(metrics, head)
-    atomic_write_json(out / "report.json", summary)
-    atomic_write_text(out / "report.md", _report_md(summary))
-    return summary
+    summary["seconds"] = time.perf_counter() - t0
+    atomic_write_json(d / "report.json", summary)
+    atomic_write_text(d / "report.md", _report_md(summary))
 
 
 def _headline(metrics: dict, head: dict | None) -> str:

@@ -62,7 +62,7 @@ from safealign.data.prompts import hash_of, prompt_text, read_prompts, row_promp
 from safealign.errors import BadInput, SafetyTestFailed
 from safealign.runtime import plots, report
 from safealign.runtime.io import (PROMPT_HASHES, apply_umask, atomic_write_json, atomic_write_text, check_output_dir, manifest, read_prompt_hashes,
-                                  write_config, writing)
+                                  whole_output_dir, write_config, writing)
 from safealign.stages.split import set_id
 
 VALIDATION_TABLE = "bench/results/bound_validation.md"
@@ -408,16 +408,18 @@ def caveats(res: dict, cfg: SafetyTestConfig, disjoint: dict) -> list[str]:
 # Outputs
 
 
-def write_release(out: Path, policy: str, card: str, evidence: dict) -> Path:
+def write_release(out: Path, policy: str, card: str, evidence: dict, at: Path | None = None) -> Path:
     """Copy the policy's model files (+ adapter/, base/, prompt_hashes.txt) and write the Hub model card
     ``README.md`` (the safety ``card`` + front matter + usage) into ``out/release`` atomically
-    (built under a temporary name, then renamed)."""
+    (built under a temporary name, then renamed). ``at``: where ``out`` will be once installed, when
+    ``out`` is a staging directory (:func:`whole_output_dir`): the card and a saved base point there."""
     from safealign.runtime import model_card
 
     src = Path(policy)
     tmp = out / ".tmp-release"
     final = out / "release"
-    with writing("release/", out, cleanup=tmp):
+    installed = Path(at if at is not None else out) / "release"
+    with writing("release/", at if at is not None else out, cleanup=tmp):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for f in model_files(src) + ([src / PROMPT_HASHES] if (src / PROMPT_HASHES).is_file() else []):
@@ -425,8 +427,8 @@ def write_release(out: Path, policy: str, card: str, evidence: dict) -> Path:
         for sub in ("adapter", "base"):
             if (src / sub).is_dir():
                 shutil.copytree(src / sub, tmp / sub, ignore=shutil.ignore_patterns("*.bin", "*.pkl", "*.pt", "*.pth"))
-        model_card.relocate_adapter(tmp, final)
-        atomic_write_text(tmp / "README.md", model_card.release_card(tmp, final, policy, card, evidence))
+        model_card.relocate_adapter(tmp, installed)
+        atomic_write_text(tmp / "README.md", model_card.release_card(tmp, installed, policy, card, evidence))
         atomic_write_json(tmp / "safety_test.json", evidence)
         apply_umask(tmp)  # copy2 keeps the source's modes (safetensors writes 0600 files)
         os.replace(tmp, final)
@@ -571,21 +573,22 @@ def _verdict(cfg: SafetyTestConfig, res: dict, retest: dict) -> str:
 
 
 def _write_outputs(out: Path, cfg: SafetyTestConfig, summary: dict, res: dict, rows: list[dict]) -> None:
-    """costs.jsonl, the histogram, config, manifest, release/ (PASS of a sampled test), report.md and report.json."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "costs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    plots.histogram({"cost per response": [r["cost"] for r in rows]}, out / "plots" / "cost_histogram.png",
-                    f"safety test: {res['decision']} ({cfg.bound} bound, n={res['n_prompts']} prompts)",
-                    vlines={"threshold": cfg.threshold, f"{cfg.bound} upper bound": res["mean_bound"]["upper"]},
-                    xlabel="cost (> 0 = unsafe)", ylabel="responses")
-    write_config(out / "config.yaml", to_dict(cfg))
-    atomic_write_json(out / "manifest.json", manifest("safety-test", seed=cfg.seed, data_fingerprint=summary["test"]["set_id"],
-                                                      extra={"costs_sha256": costs_fingerprint(rows)}))
-    if summary["release"]:
-        write_release(out, cfg.policy, model_card(summary, res, cfg), summary)
-    intro = "\n".join([f"**{summary['headline']}**", "", summary["test"]["statement"], "", "Caveats:", ""] + [f"- {x}" for x in summary["caveats"]])
-    report.write(out, {k: v for k, v in summary.items() if k not in ("caveats", "headline")}, title="safealign safety test", intro=intro)
-    atomic_write_json(out / "report.json", summary)
+    """costs.jsonl, the histogram, config, manifest, release/ (PASS of a sampled test), report.md and
+    report.json: all of them or, when a write fails (a full disk), none (:func:`whole_output_dir`)."""
+    with whole_output_dir(out, "the safety test's outputs") as d:
+        atomic_write_text(d / "costs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        plots.histogram({"cost per response": [r["cost"] for r in rows]}, d / "plots" / "cost_histogram.png",
+                        f"safety test: {res['decision']} ({cfg.bound} bound, n={res['n_prompts']} prompts)",
+                        vlines={"threshold": cfg.threshold, f"{cfg.bound} upper bound": res["mean_bound"]["upper"]},
+                        xlabel="cost (> 0 = unsafe)", ylabel="responses")
+        write_config(d / "config.yaml", to_dict(cfg))
+        atomic_write_json(d / "manifest.json", manifest("safety-test", seed=cfg.seed, data_fingerprint=summary["test"]["set_id"],
+                                                        extra={"costs_sha256": costs_fingerprint(rows)}))
+        if summary["release"]:
+            write_release(d, cfg.policy, model_card(summary, res, cfg), summary, at=out)
+        intro = "\n".join([f"**{summary['headline']}**", "", summary["test"]["statement"], "", "Caveats:", ""] + [f"- {x}" for x in summary["caveats"]])
+        report.write(d, {k: v for k, v in summary.items() if k not in ("caveats", "headline")}, title="safealign safety test", intro=intro)
+        atomic_write_json(d / "report.json", summary)
 
 
 def run(cfg: SafetyTestConfig) -> dict:

@@ -27,7 +27,7 @@ from safealign.data.prompts import hash_of, row_prompt
 from safealign.data.readers import read_data
 from safealign.errors import BadInput
 from safealign.runtime import report
-from safealign.runtime.io import atomic_write_json, atomic_write_text, check_output_dir, manifest
+from safealign.runtime.io import atomic_write_json, atomic_write_text, check_output_dir, manifest, whole_output_dir
 
 
 def set_id(hashes) -> str:
@@ -69,12 +69,12 @@ def run(cfg: SplitConfig) -> dict:
         "source_fingerprint": hashlib.sha256("\n".join(hashes).encode()).hexdigest(),
         "disjoint": True,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "candidate.jsonl", _jsonl(cand_rows))
-    atomic_write_text(out / "safety.jsonl", _jsonl(safe_rows))
-    atomic_write_json(out / "split.json", {**summary, "manifest": manifest("split", seed=cfg.seed, data_fingerprint=summary["source_fingerprint"])})
-    report.write(out, summary, title="safealign data split",
-                 intro="Candidate rows train and select the model; safety rows are only for `safealign safety-test`.")
+    with whole_output_dir(out, "the split") as d:
+        atomic_write_text(d / "candidate.jsonl", _jsonl(cand_rows))
+        atomic_write_text(d / "safety.jsonl", _jsonl(safe_rows))
+        atomic_write_json(d / "split.json", {**summary, "manifest": manifest("split", seed=cfg.seed, data_fingerprint=summary["source_fingerprint"])})
+        report.write(d, summary, title="safealign data split",
+                     intro="Candidate rows train and select the model; safety rows are only for `safealign safety-test`.")
     summary["headline"] = (f"split {len(distinct)} distinct prompts ({len(rows)} rows): {summary['candidate']['prompts']} candidate, "
                            f"{len(safety)} safety (disjoint on normalised text; safety set {summary['safety_set_id'][:12]})")
     summary["output_dir"] = str(out)
