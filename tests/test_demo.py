@@ -37,11 +37,12 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeyp
     assert "already complete" in capsys.readouterr().out
 
     # Interrupted: killed in the last safety test (GRPO-Lagrangian's) after the registry recorded it but
-    # before its report, so the evals never ran. Running again redoes exactly those stages, and the table
-    # is the same.
+    # before its directory was installed (it is written whole or not at all: what is left is a staging
+    # directory of a dead process), so the evals never ran. Running again redoes exactly those stages,
+    # and the table is the same.
     registry = out / "safety_tests.jsonl"
     assert len(registry.read_text().splitlines()) == 5
-    (out / "safety" / "grpo_lag" / "report.json").unlink()
+    shutil.move(out / "safety" / "grpo_lag", out / "safety" / ".grpo_lag.partial-999999")
     shutil.rmtree(out / "eval")
     (out / "summary.json").unlink()
     state = json.loads((out / "demo_state.json").read_text())
@@ -55,6 +56,7 @@ def test_demo_quick_runs_every_stage_and_writes_the_table(cli, tmp_path, monkeyp
     again = json.loads((out / "summary.json").read_text())
     assert again["table"] == summary["table"], "an interrupted test is not counted twice: the same deltas, the same decisions"
     assert len(registry.read_text().splitlines()) == 5
+    assert not list((out / "safety").glob(".*partial*")), "the killed test's staging directory is removed"
 
 
 def test_demo_refuses_another_demos_directory_or_a_foreign_one(cli, tmp_path, capsys):

@@ -472,6 +472,67 @@ def test_a_full_disk_mid_write_leaves_no_output_dir(cli, capfd, tiny_policy, wor
     assert code == 0 and (out / "report.md").is_file() and not list(out.parent.glob(".out.partial-*"))
 
 
+def test_whole_output_dir_keeps_an_existing_dir_and_cleans_up_after_any_failure(tmp_path, monkeypatch):
+    """The staging of whole_output_dir: an existing empty output directory (its mode, a symlink to it,
+    the working directory as `.`) is kept and filled, completion markers last; Ctrl-C leaves nothing
+    (not even the parents it made); a staging directory of a killed process is not content for
+    check_output_dir and is removed by the next run."""
+    from safealign.errors import BadInput
+    from safealign.runtime.io import check_output_dir, whole_output_dir
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    kept.chmod(0o2770)
+    (tmp_path / "link").symlink_to(kept)
+    moved = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: moved.append(Path(b).name) or real_replace(a, b))
+    with whole_output_dir(check_output_dir(tmp_path / "link", False, resumable=False)) as d:
+        assert d.parent == kept                      # staged inside: the directory itself is never replaced
+        for name in ("report.json", "costs.jsonl", "world.json"):
+            (d / name).write_text(name)
+        (d / "plots").mkdir()
+    assert moved == ["costs.jsonl", "plots", "world.json", "report.json"] and (tmp_path / "link").is_symlink()
+    assert kept.stat().st_mode & 0o7777 == 0o2770 and sorted(p.name for p in kept.iterdir()) == ["costs.jsonl", "plots", "report.json", "world.json"]
+    monkeypatch.undo()
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with whole_output_dir(check_output_dir(".", False, resumable=False)) as d:
+        (d / "report.json").write_text("{}")
+    assert [p.name for p in cwd.iterdir()] == ["report.json"]
+
+    with pytest.raises(KeyboardInterrupt):
+        with whole_output_dir(tmp_path / "new" / "deep" / "out") as d:
+            (d / "costs.jsonl").write_text("x")
+            raise KeyboardInterrupt
+    assert not (tmp_path / "new").exists()
+
+    dead = 2**22 + 12345                             # above the kernel's pid_max: no such process
+    left = tmp_path / "left"
+    (left / f".partial-{dead}").mkdir(parents=True)
+    (tmp_path / f".out2.partial-{dead}").mkdir()
+    check_output_dir(left, False, resumable=False)   # only a dead run's staging directory: empty
+    with pytest.raises(BadInput, match="not empty"):
+        check_output_dir(left, False, resumable=True)  # a training run's directory never holds one
+    for out in (left, tmp_path / "out2"):
+        with whole_output_dir(out) as d:
+            (d / "report.json").write_text("{}")
+        assert [p.name for p in out.iterdir()] == ["report.json"]
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_single_process_commands_refuse_a_multi_process_launch(cli, capfd, world, tmp_path, monkeypatch):
+    """eval, data split, data synth and safety-test write one directory from one process: under a
+    launcher (WORLD_SIZE > 1) they say so (exit 2) instead of racing each other for it."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "split"
+    code, err = call(cli, capfd, "data", "split", "--data", world / "prompts_train.jsonl", "--output-dir", out)
+    assert code == 2 and "runs in one process" in err and "WORLD_SIZE" in err
+    assert not out.exists()
+
+
 def test_disk_faults_of_every_writer_are_recognised(tmp_path):
     """What safealign's writers raise on a genuinely full disk (tmpfs) is classified as a full disk."""
     code = ("import torch, safetensors.torch as st\n"

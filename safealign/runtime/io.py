@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,11 +144,19 @@ def describe_run_dir(p: Path) -> str | None:
 
 def check_output_dir(path: str | Path, resume: bool, *, resumable: bool = True) -> Path:
     """Refuse to overwrite a previous run, or a directory that cannot be written (before anything
-    is written). Creates nothing. ``resumable``: the command has --resume."""
+    is written). Creates nothing. ``resumable``: the command has --resume; one without it writes its
+    directory with :func:`whole_output_dir` (a staging directory a killed run left is not content)
+    and runs in one process."""
     p = Path(path).expanduser()
+    if not resumable:
+        from safealign.runtime.dist import launched_world_size
+
+        if launched_world_size() > 1:
+            raise BadInput(f"this command runs in one process, and it was launched as {launched_world_size()} (WORLD_SIZE)",
+                           fix="run it without accelerate launch / torchrun (only training commands are distributed)")
     if p.exists() and not p.is_dir():
         raise BadInput("output path exists and is not a directory", where=str(p), fix="choose a directory for --output-dir")
-    if p.is_dir() and any(p.iterdir()) and not resume:
+    if p.is_dir() and any(resumable or not _stale_partial(e) for e in p.iterdir()) and not resume:
         held = describe_run_dir(p)
         what = f"output directory is not empty: it holds {held}" if held else "output directory is not empty"
         fix = ("pass --resume to continue that run, or choose a new --output-dir" if resumable else
@@ -220,24 +229,55 @@ def staged_model_dir(run_dir: Path, final: Path | None = None, tmp_name: str = "
         install_dir(tmp, target)
 
 
+_PARTIAL = re.compile(r"^\.(?:.+\.)?partial-(\d+)$")
+LAST_WRITTEN = ("world.json", "report.json")     # what says a directory is complete: installed last
+
+
+def _stale_partial(entry: Path) -> bool:
+    """A staging directory of :func:`whole_output_dir` whose process is gone (killed mid-write)."""
+    m = _PARTIAL.match(entry.name)
+    if not m or not entry.is_dir():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return int(m.group(1)) == os.getpid()
+
+
 @contextmanager
 def whole_output_dir(out: str | Path, what: str = "the output directory"):
-    """The output directory of a command without --resume (eval, split, synth, safety-test), written
-    whole or not at all. Yields a hidden sibling ``.<name>.partial-<pid>`` to write into, renamed to
-    ``out`` once every write has succeeded (one rename: a reader sees all of it or nothing). On any
-    failure (a full disk: BadInput naming ``out``; anything else: re-raised) the sibling is removed,
-    with the parent directories it created, and ``out`` is as :func:`check_output_dir` found it:
-    absent, or empty."""
-    out = Path(out).expanduser()
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    made = [d for d in [out.parent, *out.parent.parents] if not d.exists()]     # the parents this write creates, deepest first
+    """The output directory of a command without --resume (eval, data split, data synth, safety-test),
+    written whole or not at all. Yields a staging directory to write into: a hidden sibling
+    ``.<name>.partial-<pid>``, renamed to ``out`` once every write has succeeded, or, when ``out``
+    already exists (the empty directory :func:`check_output_dir` accepted: maybe a mount point, a
+    symlink, or a directory whose mode and group were set up for the run), ``out/.partial-<pid>``,
+    whose entries move in with the completion markers (``LAST_WRITTEN``) last. On any failure (a
+    full disk: BadInput naming ``out``; anything else, Ctrl-C included: re-raised) the staging
+    directory is removed, with the parent directories this created, and ``out`` is as it was. A
+    staging directory a killed run left behind is removed by the next run (and ignored by
+    check_output_dir)."""
+    out = Path(os.path.realpath(Path(out).expanduser()))
+    inside = out.is_dir()
+    tmp = out / f".partial-{os.getpid()}" if inside else out.parent / f".{out.name}.partial-{os.getpid()}"
+    made = [] if inside else [d for d in [out.parent, *out.parent.parents] if not d.exists()]   # deepest first
     try:
         with writing(what, out, cleanup=tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+            prefix = ".partial-" if inside else f".{out.name}.partial-"
+            for stale in [e for e in (tmp.parent.iterdir() if tmp.parent.is_dir() else ()) if e.name.startswith(prefix) and _stale_partial(e)]:
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             yield tmp
-            os.replace(tmp, out)          # rename(2) also replaces an empty directory
+            if not inside:
+                os.replace(tmp, out)
+            else:
+                for entry in sorted(tmp.iterdir(), key=lambda e: (e.name in LAST_WRITTEN, LAST_WRITTEN.index(e.name) if e.name in LAST_WRITTEN else 0)):
+                    os.replace(entry, out / entry.name)
+                tmp.rmdir()
     except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         for d in made:
             try:
                 d.rmdir()

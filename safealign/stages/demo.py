@@ -144,6 +144,8 @@ def run(cfg: C.DemoConfig) -> dict:
         overrides, note = dict(overrides or {}), ""
         if d.exists():
             overrides, note = _continue_or_restart(key, d, overrides, out, finished=done.is_file())
+        elif key.startswith("safety-test") and _forget_interrupted_test(out / "safety_tests.jsonl", d):
+            note = "interrupted earlier, restarted"          # killed after its record, before its directory was installed
         ran.append(key)
         counter.start(key, note)
         t0 = time.perf_counter()
@@ -266,18 +268,20 @@ def _continue_or_restart(key: str, d: Path, overrides: dict, out: Path, finished
     return overrides, "redone: an earlier stage ran again" if finished else "interrupted earlier, restarted"
 
 
-def _forget_interrupted_test(registry: Path, d: Path) -> None:
-    """Drop the registry record of a safety test that was killed before it wrote its report.
-    The registry records a test before its output is written; a test killed in between was never
-    seen by anyone, and it runs again as the same test (same policy, prompts and seed: the same
-    costs), so keeping its record would count it twice and shrink its delta. A *finished* test that
-    is redone keeps its record: its result was seen, and the new test is an honest retest."""
+def _forget_interrupted_test(registry: Path, d: Path) -> bool:
+    """Drop the registry record of a safety test that was killed before it wrote its report (its
+    output directory, written whole or not at all, is then absent). The registry records a test
+    before its output is written; a test killed in between was never seen by anyone, and it runs
+    again as the same test (same policy, prompts and seed: the same costs), so keeping its record
+    would count it twice and shrink its delta. A *finished* test that is redone keeps its record:
+    its result was seen, and the new test is an honest retest. Returns whether a record was dropped."""
     if not registry.is_file():
-        return
+        return False
     lines = registry.read_text().splitlines()
     keep = [line for line in lines if line.strip() and json.loads(line).get("output_dir") != str(d.resolve())]
     if len(keep) != len(lines):
         atomic_write_text(registry, "".join(line + "\n" for line in keep))
+    return len(keep) != len(lines)
 
 
 def _stage_overrides(cfg: C.DemoConfig, out: Path, world: Path, *, threshold: float, train_threshold: float) -> dict[str, dict]:

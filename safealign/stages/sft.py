@@ -25,11 +25,11 @@ from safealign.data.readers import read_data
 from safealign.data.records import MAPPABLE, detect_format, fingerprint, rows_to_pairs
 from safealign.data.templates import effective_template, format_prompt, format_response
 from safealign.errors import BadInput
+from safealign.models.export import live_outputs, reload_check
 from safealign.models.generation import pad
 from safealign.models.score import attention_inputs
 from safealign.runtime import plots, report
 from safealign.runtime.io import check_output_dir
-from safealign.models.export import live_outputs, reload_check
 from safealign.stages.trainer import (open_run_dir, peak_memory_mb, prepare_training, resume_point, run_tokenizer, save_collectively, train_loop,
                                       trainable)
 

@@ -140,7 +140,7 @@ def trainable(model: torch.nn.Module, cfg, task: str) -> torch.nn.Module:
     if getattr(cfg, "lora_r", 0):
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.lora_targets, task=task)
     if cfg.gradient_checkpointing:
-        model.activation_checkpointing_enable()
+        model.activation_checkpointing_enable()   # non-reentrant: LoRA's gradients need no input embeddings that require grad
     return model
 
 
