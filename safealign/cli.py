@@ -197,8 +197,10 @@ def _inspect(cfg):
 
 def _synth(cfg):
     from safealign.data.synth import write_world
+    from safealign.runtime.dist import one_process
     from safealign.runtime.io import check_output_dir, whole_output_dir
 
+    one_process("data synth")
     out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     with whole_output_dir(out, "the synthetic world") as d:
         if cfg.crowd:

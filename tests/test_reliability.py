@@ -441,10 +441,10 @@ def test_a_really_full_disk_during_a_passing_safety_test_leaves_no_output_dir(ti
     assert rec["decision"] == "PASS"
 
 
-@pytest.mark.parametrize("command", ["eval", "split"])
-def test_a_full_disk_mid_write_leaves_no_output_dir(cli, capfd, tiny_policy, world, tmp_path, monkeypatch, command):
-    """eval and split write their directories whole or not at all: the second file fails (ENOSPC),
-    and neither the output directory nor its staging sibling is left."""
+@pytest.mark.parametrize("command", ["eval", "split", "score-eval"])
+def test_a_full_disk_mid_write_leaves_no_output_dir(cli, capfd, tiny_policy, tiny_rm, world, tmp_path, monkeypatch, command):
+    """eval, data split and score-eval write their directories whole or not at all: the second file
+    fails (ENOSPC), and neither the output directory nor its staging sibling is left."""
     import safealign.runtime.io as io
 
     real, seen = io.atomic_write_text, []
@@ -462,8 +462,10 @@ def test_a_full_disk_mid_write_leaves_no_output_dir(cli, capfd, tiny_policy, wor
     out = tmp_path / "new" / "out"
     if command == "eval":
         args = ["eval", "--policy", tiny_policy, "--prompts", world / "prompts_eval.jsonl", "--max-prompts", 4, "--max-new-tokens", 4]
-    else:
+    elif command == "split":
         args = ["data", "split", "--data", world / "prompts_train.jsonl"]
+    else:
+        args = ["score-eval", "--model", tiny_rm, "--data", world / "preferences.jsonl", "--max-samples", 16]
     code, err = call(cli, capfd, *args, "--output-dir", out)
     assert code == 2 and "no space left on device while writing" in err and str(out) in err, err
     assert len(seen) == 2 and not (tmp_path / "new").exists()     # the parent it created is gone too
@@ -527,10 +529,13 @@ def test_single_process_commands_refuse_a_multi_process_launch(cli, capfd, world
     """eval, data split, data synth and safety-test write one directory from one process: under a
     launcher (WORLD_SIZE > 1) they say so (exit 2) instead of racing each other for it."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    out = tmp_path / "split"
-    code, err = call(cli, capfd, "data", "split", "--data", world / "prompts_train.jsonl", "--output-dir", out)
-    assert code == 2 and "runs in one process" in err and "WORLD_SIZE" in err
-    assert not out.exists()
+    out = tmp_path / "out"
+    for args in (["data", "split", "--data", world / "prompts_train.jsonl"], ["data", "synth"],
+                 ["eval", "--policy", tmp_path / "absent", "--prompts", world / "prompts_eval.jsonl"],
+                 ["safety-test", "--costs-file", tmp_path / "absent.jsonl"]):
+        code, err = call(cli, capfd, *args, "--output-dir", out)
+        assert code == 2 and f"`safealign {' '.join(map(str, args[:2] if args[0] == 'data' else args[:1]))}` runs in one process" in err, err
+        assert not out.exists()
 
 
 def test_disk_faults_of_every_writer_are_recognised(tmp_path):

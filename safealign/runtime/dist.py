@@ -17,6 +17,14 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def one_process(command: str) -> None:
+    """Refuse a multi-process launch of a command that runs in one process (eval, data split, data
+    synth, safety-test): its processes would each sample everything and race for one output directory."""
+    if launched_world_size() > 1:
+        raise BadInput(f"`safealign {command}` runs in one process, and it was launched as {launched_world_size()} (WORLD_SIZE)",
+                       fix="run it without accelerate launch / torchrun (the training commands and score-eval are the distributed ones)")
+
+
 def make_accelerator(*, dtype: str = "auto", grad_accum: int = 1, deepspeed: str | None = None,
                      report_to: str = "none", project_dir: str | None = None, batch_size: int | None = None):
     import torch

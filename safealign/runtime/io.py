@@ -145,15 +145,8 @@ def describe_run_dir(p: Path) -> str | None:
 def check_output_dir(path: str | Path, resume: bool, *, resumable: bool = True) -> Path:
     """Refuse to overwrite a previous run, or a directory that cannot be written (before anything
     is written). Creates nothing. ``resumable``: the command has --resume; one without it writes its
-    directory with :func:`whole_output_dir` (a staging directory a killed run left is not content)
-    and runs in one process."""
+    directory with :func:`whole_output_dir` (a staging directory a killed run left is not content)."""
     p = Path(path).expanduser()
-    if not resumable:
-        from safealign.runtime.dist import launched_world_size
-
-        if launched_world_size() > 1:
-            raise BadInput(f"this command runs in one process, and it was launched as {launched_world_size()} (WORLD_SIZE)",
-                           fix="run it without accelerate launch / torchrun (only training commands are distributed)")
     if p.exists() and not p.is_dir():
         raise BadInput("output path exists and is not a directory", where=str(p), fix="choose a directory for --output-dir")
     if p.is_dir() and any(resumable or not _stale_partial(e) for e in p.iterdir()) and not resume:
@@ -249,8 +242,8 @@ def _stale_partial(entry: Path) -> bool:
 
 @contextmanager
 def whole_output_dir(out: str | Path, what: str = "the output directory"):
-    """The output directory of a command without --resume (eval, data split, data synth, safety-test),
-    written whole or not at all. Yields a staging directory to write into: a hidden sibling
+    """The output directory of a command without --resume (eval, score-eval, data split, data synth,
+    safety-test), written whole or not at all. Yields a staging directory to write into: a hidden sibling
     ``.<name>.partial-<pid>``, renamed to ``out`` once every write has succeeded, or, when ``out``
     already exists (the empty directory :func:`check_output_dir` accepted: maybe a mount point, a
     symlink, or a directory whose mode and group were set up for the run), ``out/.partial-<pid>``,

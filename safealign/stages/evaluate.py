@@ -366,10 +366,12 @@ def _generations(cfg, prompts: list[str]) -> dict[str, dict]:
 def run(cfg) -> dict:
     import time
 
+    from safealign.runtime.dist import one_process
     from safealign.runtime.io import check_output_dir, whole_output_dir
 
     t0 = time.perf_counter()
     # Validate everything before anything is written.
+    one_process("eval")
     out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     distinct, prompt_stats = _read_prompts(cfg)
     prompts = [p for _ in range(cfg.samples) for p in distinct]  # sample k of each prompt: k passes over the set

@@ -592,6 +592,9 @@ def _write_outputs(out: Path, cfg: SafetyTestConfig, summary: dict, res: dict, r
 
 
 def run(cfg: SafetyTestConfig) -> dict:
+    from safealign.runtime.dist import one_process
+
+    one_process("safety-test")
     out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     cost_range = cfg.parsed_range()
     from_costs = bool(cfg.costs_file)

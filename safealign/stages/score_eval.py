@@ -67,11 +67,11 @@ def run(cfg: ScoreEvalConfig) -> dict:
     from safealign.models.generation import load_scorer
     from safealign.runtime import plots, report
     from safealign.runtime.dist import make_accelerator
-    from safealign.runtime.io import atomic_write_json, atomic_write_text, check_output_dir, manifest, write_config
+    from safealign.runtime.io import atomic_write_json, atomic_write_text, check_output_dir, manifest, whole_output_dir, write_config
     from safealign.stages.preference import eval_metrics, score_pairs
 
     # ---- every input is checked before anything is written ------------------------------------
-    out = check_output_dir(cfg.output_dir, resume=False)
+    out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     task = model_task(cfg.model, cfg.task)
     rows = read_rows(cfg.data, cfg.data_split)
     pairs, stats = rows_to_pairs(rows, source=cfg.data, task=task, fmt=cfg.data_format, columns=cfg.columns,
@@ -107,18 +107,18 @@ def run(cfg: ScoreEvalConfig) -> dict:
         m = summary["metrics"]
         summary["headline"] = (f"score-eval ({name} model): accuracy {100 * m['accuracy']:.1f}% on {m['pairs']} pairs"
                                + (f", sign accuracy {100 * m['sign_accuracy']:.1f}%" if "sign_accuracy" in m else ""))
-        out.mkdir(parents=True, exist_ok=True)
-        write_config(out / "config.yaml", to_dict(cfg))
-        atomic_write_json(out / "manifest.json", manifest("score-eval", seed=0, extra={"pairs": len(examples)}))
-        lines = [json.dumps({"row": e.row, "chosen_score": float(a), "rejected_score": float(b), "correct": bool(ok),
-                             **{col: rows[e.row - 1].get(col) for col in cfg.by}}, default=str)
-                 for e, a, b, ok in zip(examples, c.tolist(), r.tolist(), correct)]
-        atomic_write_text(out / "scores.jsonl", "\n".join(lines) + "\n")
-        names = ("more helpful", "less helpful") if task == "helpful" else ("safer", "less safe")
-        plots.histogram({names[0]: c.tolist(), names[1]: r.tolist()}, out / "plots" / "scores_by_preference.png",
-                        f"{name} by preference on {cfg.data}", xlabel=name, ylabel="responses",
-                        vlines={"zero (cost > 0: unsafe)": 0.0} if task == "safety" else None)
-        if extras.get("reliability"):
-            plots.reliability(extras["reliability"], out / "plots" / "reliability.png", "calibration of P(unsafe)")
-        report.write(out, {k: v for k, v in summary.items() if k != "headline"}, title="safealign score-eval", intro=f"**{summary['headline']}**")
+        with whole_output_dir(out, "the score evaluation") as d:
+            write_config(d / "config.yaml", to_dict(cfg))
+            atomic_write_json(d / "manifest.json", manifest("score-eval", seed=0, extra={"pairs": len(examples)}))
+            lines = [json.dumps({"row": e.row, "chosen_score": float(a), "rejected_score": float(b), "correct": bool(ok),
+                                 **{col: rows[e.row - 1].get(col) for col in cfg.by}}, default=str)
+                     for e, a, b, ok in zip(examples, c.tolist(), r.tolist(), correct)]
+            atomic_write_text(d / "scores.jsonl", "\n".join(lines) + "\n")
+            names = ("more helpful", "less helpful") if task == "helpful" else ("safer", "less safe")
+            plots.histogram({names[0]: c.tolist(), names[1]: r.tolist()}, d / "plots" / "scores_by_preference.png",
+                            f"{name} by preference on {cfg.data}", xlabel=name, ylabel="responses",
+                            vlines={"zero (cost > 0: unsafe)": 0.0} if task == "safety" else None)
+            if extras.get("reliability"):
+                plots.reliability(extras["reliability"], d / "plots" / "reliability.png", "calibration of P(unsafe)")
+            report.write(d, {k: v for k, v in summary.items() if k != "headline"}, title="safealign score-eval", intro=f"**{summary['headline']}**")
     return summary

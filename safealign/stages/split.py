@@ -48,6 +48,9 @@ def _jsonl(rows: list[dict]) -> str:
 
 
 def run(cfg: SplitConfig) -> dict:
+    from safealign.runtime.dist import one_process
+
+    one_process("data split")
     out = check_output_dir(cfg.output_dir, resume=False, resumable=False)
     rows = read_data(cfg, cfg.data)
     if not rows:
