@@ -423,38 +423,13 @@ def analyse(net: CrowdNet, cfg: CostConfig, data: CrowdData, train_ex: list[Crow
     w_score = -s - q * unit                                                                    # [H]
     cost_t = Ht @ w_score
 
-    # Preference metrics on train and eval pairs.
-    def pair_metrics(examples, H, Bs, where, fit_beta=None):
-        ann = np.array([e.annotator for e in examples])
-        known = ann >= 0
-        dh = H[where[:, 0]] - H[where[:, 1]]
-        z_full = (dh[known] * W[ann[known]]).sum(1)
-        v = dh @ s
-        z_mean = dh @ mu
-        m = {"pairs": int(len(examples)), "pairs_seen_annotators": int(known.sum()),
-             "accuracy_own_heads": float(np.mean(z_full > 0)) if known.any() else None,
-             "accuracy_shared_only": float(np.mean(v > 0)) if len(v) else None,
-             "accuracy_mean_head": float(np.mean(z_mean > 0)) if len(v) else None,
-             "loglik_own_heads": K.mean_loglik(z_full)}
-        if Bs is not None:
-            zb = Bs[where[:, 0]] - Bs[where[:, 1]]
-            m["accuracy_pooled_baseline"] = float(np.mean(zb > 0)) if len(zb) else None
-            m["loglik_pooled_baseline"] = K.mean_loglik(zb)
-        beta = K.fit_scale(v[known]) if fit_beta is None else fit_beta
-        m["loglik_shared_only"] = K.mean_loglik(beta * v[known])
-        m["loglik_mean_head"] = K.mean_loglik(z_mean[known])
-        m["loglik_gain_share_shared"] = K.loglik_gain_share(z_full, beta * v[known])
-        m["loglik_gain_share_mean_head"] = K.loglik_gain_share(z_full, z_mean[known])
-        m["utility_variance_share_shared"] = K.shared_variance_share(z_full, v[known], ann[known]) if known.any() else None
-        return m, beta, dh, ann, z_full, v
-
-    train_m, beta, _, _, _, _ = pair_metrics(train_ex, Ht, Bt, t_where)
+    train_m, beta = _pair_metrics(train_ex, Ht, Bt, t_where, W, s, mu)
     out: dict = {"W": W, "sgd_vs_refit_cos": _cos_g(W_sgd.mean(0), W.mean(0), G), "G": G, "dec": dec, "reliability": rel, "reliability_threshold": thr, "k_auto": k_auto,
                  "w_score": w_score, "q": q, "zero_exact": exact, "unit_train": unit_t, "cost_train": cost_t, "train": train_m, "beta": beta}
     if eval_ex:
         e_seqs, e_keys, e_where = _responses(eval_ex)
         He, Be = _features(net, e_seqs, pad_id, device)
-        eval_m, _, e_dh, e_ann, e_zfull, e_v = pair_metrics(eval_ex, He, Be, e_where, fit_beta=beta)
+        eval_m, _ = _pair_metrics(eval_ex, He, Be, e_where, W, s, mu, fit_beta=beta)
         out.update(eval_unit_std=float((He @ unit).std()),
                    eval=eval_m, eval_keys=e_keys, eval_cost=He @ w_score, eval_mean_cost=-(He @ mu), eval_baseline=Be,
                    eval_where=e_where, eval_unit=He @ unit)
@@ -470,6 +445,36 @@ def analyse(net: CrowdNet, cfg: CostConfig, data: CrowdData, train_ex: list[Crow
     else:
         out["per_annotator"] = _per_annotator(data, [], None, None, None, W, s, mu, G, dec, t_ann)
     return out
+
+
+def _pair_metrics(examples: list[CrowdExample], H: np.ndarray, Bs: np.ndarray | None, where: np.ndarray, W: np.ndarray, s: np.ndarray,
+                  mu: np.ndarray, fit_beta: float | None = None) -> tuple[dict, float]:
+    """Preference metrics of pairs (features H [M, H], pooled-baseline scores Bs [M] or None, where [N, 2]
+    the rows of chosen/rejected): accuracy and log-likelihood of the own heads W [A, H], of the shared
+    component s alone (scaled by beta, fitted here unless ``fit_beta``) and of the mean head mu.
+    Returns (metrics, beta)."""
+    ann = np.array([e.annotator for e in examples])
+    known = ann >= 0
+    dh = H[where[:, 0]] - H[where[:, 1]]
+    z_full = (dh[known] * W[ann[known]]).sum(1)
+    v = dh @ s
+    z_mean = dh @ mu
+    m = {"pairs": int(len(examples)), "pairs_seen_annotators": int(known.sum()),
+         "accuracy_own_heads": float(np.mean(z_full > 0)) if known.any() else None,
+         "accuracy_shared_only": float(np.mean(v > 0)) if len(v) else None,
+         "accuracy_mean_head": float(np.mean(z_mean > 0)) if len(v) else None,
+         "loglik_own_heads": K.mean_loglik(z_full)}
+    if Bs is not None:
+        zb = Bs[where[:, 0]] - Bs[where[:, 1]]
+        m["accuracy_pooled_baseline"] = float(np.mean(zb > 0)) if len(zb) else None
+        m["loglik_pooled_baseline"] = K.mean_loglik(zb)
+    beta = K.fit_scale(v[known]) if fit_beta is None else fit_beta
+    m["loglik_shared_only"] = K.mean_loglik(beta * v[known])
+    m["loglik_mean_head"] = K.mean_loglik(z_mean[known])
+    m["loglik_gain_share_shared"] = K.loglik_gain_share(z_full, beta * v[known])
+    m["loglik_gain_share_mean_head"] = K.loglik_gain_share(z_full, z_mean[known])
+    m["utility_variance_share_shared"] = K.shared_variance_share(z_full, v[known], ann[known]) if known.any() else None
+    return m, beta
 
 
 def _cos_g(a: np.ndarray, b: np.ndarray, G: np.ndarray) -> float:
