@@ -227,7 +227,8 @@ LAST_WRITTEN = ("world.json", "report.json")     # what says a directory is comp
 
 
 def _stale_partial(entry: Path) -> bool:
-    """A staging directory of :func:`whole_output_dir` whose process is gone (killed mid-write)."""
+    """A staging directory of :func:`whole_output_dir` whose process is gone (killed mid-write); one
+    named with this process's pid is a dead run's too (the pid was reused: this run has not made its own yet)."""
     m = _PARTIAL.match(entry.name)
     if not m or not entry.is_dir():
         return False
@@ -266,7 +267,7 @@ def whole_output_dir(out: str | Path, what: str = "the output directory"):
             if not inside:
                 os.replace(tmp, out)
             else:
-                for entry in sorted(tmp.iterdir(), key=lambda e: (e.name in LAST_WRITTEN, LAST_WRITTEN.index(e.name) if e.name in LAST_WRITTEN else 0)):
+                for entry in sorted(tmp.iterdir(), key=lambda e: LAST_WRITTEN.index(e.name) + 1 if e.name in LAST_WRITTEN else 0):
                     os.replace(entry, out / entry.name)
                 tmp.rmdir()
     except BaseException:
